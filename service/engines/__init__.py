@@ -1,0 +1,1 @@
+"""Pure torch model math: no I/O, no web. Both backends call these."""

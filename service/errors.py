@@ -1,0 +1,52 @@
+"""Domain errors raised below the API layer; api/errors.py maps them to HTTP and gRPC codes."""
+
+
+class ServiceError(Exception):
+    """Base class: `code` is a stable machine-readable name, `field` the offending input if any."""
+
+    code = "internal"
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidArgument(ServiceError):
+    code = "invalid_argument"
+
+
+class NotFound(ServiceError):
+    code = "not_found"
+
+
+class AlreadyExists(ServiceError):
+    code = "already_exists"
+
+
+class Conflict(ServiceError):
+    code = "conflict"
+
+
+class TooLarge(ServiceError):
+    code = "too_large"
+
+
+class Overloaded(ServiceError):
+    """Queue full: the client should retry after `retry_after` seconds."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(ServiceError):
+    """A dependency (Triton, the data dir) cannot serve right now."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
