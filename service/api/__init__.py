@@ -1,0 +1,1 @@
+"""Transports (REST, gRPC) over one request/response layer (schemas.py, operations.py)."""

@@ -1,0 +1,139 @@
+"""gRPC transport (grpc.aio): protobuf ↔ the shared pydantic models, then the same operations as REST."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from service import errors, metrics
+from service.api import schemas
+from service.api.errors import grpc_code, validation_error
+from service.api.operations import Operations
+from service.api.pb import amserve_pb2 as pb
+from service.api.pb import amserve_pb2_grpc as pb_grpc
+from service.backends.base import Backend
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Amserve"].full_name
+
+
+def _struct(values: dict) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(values)
+    return message
+
+
+def _bank_info(info: schemas.BankInfo) -> pb.BankInfo:
+    return pb.BankInfo(name=info.name, kind=info.kind, dim=info.dim, params=_struct(info.params),
+                       count=info.count, bytes=info.bytes)
+
+
+def _dynamics(request) -> dict:
+    fields = {"queries": [list(v.values) for v in request.queries], "trace": request.trace}
+    for name in ("steps", "step_size", "tolerance"):
+        if request.HasField(name):
+            fields[name] = getattr(request, name)
+    return fields
+
+
+def _results(response: schemas.RetrieveResponse) -> pb.RetrieveResponse:
+    return pb.RetrieveResponse(results=[
+        pb.MemoryResult(
+            state=r.state, energy=r.energy, steps=r.steps, converged=r.converged, trace=r.trace or [],
+            nearest=pb.Nearest(id=r.nearest.id, similarity=r.nearest.similarity) if r.nearest else None)
+        for r in response.results])
+
+
+class AmserveServicer(pb_grpc.AmserveServicer):
+    def __init__(self, ops: Operations):
+        self.ops = ops
+
+    async def _call(self, route: str, context: grpc.aio.ServicerContext, handler: Callable[[], Awaitable]):
+        """Validation and service errors → status codes; metrics as for REST."""
+        started = time.perf_counter()
+        metrics.IN_FLIGHT.labels("grpc").inc()
+        status = grpc.StatusCode.OK
+        try:
+            try:
+                return await handler()
+            except ValidationError as exc:
+                raise validation_error(exc) from exc
+        except errors.ServiceError as exc:
+            status = grpc_code(exc)
+            if (seconds := getattr(exc, "retry_after", None)) is not None:
+                context.set_trailing_metadata((("retry-after", str(max(1, round(seconds)))),))
+            message = f"{exc.field}: {exc.message}" if exc.field and not exc.message.startswith(exc.field) else exc.message
+            await context.abort(status, message)
+        finally:
+            metrics.IN_FLIGHT.labels("grpc").dec()
+            metrics.REQUEST_DURATION.labels(route, "grpc", "associative_memory", status.name).observe(
+                time.perf_counter() - started)
+            metrics.REQUESTS.labels(route, "grpc", status.name).inc()
+
+    async def CreateBank(self, request, context):
+        async def handler():
+            body = schemas.CreateBank.model_validate(
+                {"kind": request.kind, "dim": request.dim, "params": json_format.MessageToDict(request.params)})
+            return _bank_info(await self.ops.create_bank(request.bank, body))
+        return await self._call("CreateBank", context, handler)
+
+    async def ListBanks(self, request, context):
+        async def handler():
+            listing = await self.ops.list_banks()
+            return pb.ListBanksResponse(banks=[_bank_info(b) for b in listing.banks])
+        return await self._call("ListBanks", context, handler)
+
+    async def GetBank(self, request, context):
+        async def handler():
+            return _bank_info(await self.ops.get_bank(request.bank))
+        return await self._call("GetBank", context, handler)
+
+    async def DeleteBank(self, request, context):
+        async def handler():
+            await self.ops.delete_bank(request.bank)
+            return pb.DeleteBankResponse()
+        return await self._call("DeleteBank", context, handler)
+
+    async def Store(self, request, context):
+        async def handler():
+            body = schemas.StoreRequest.model_validate(
+                {"patterns": [list(v.values) for v in request.patterns], "ids": list(request.ids) or None})
+            stored = await self.ops.store(request.bank, body)
+            return pb.StoreResponse(ids=stored.ids, count=stored.count)
+        return await self._call("Store", context, handler)
+
+    async def DeletePattern(self, request, context):
+        async def handler():
+            await self.ops.delete_pattern(request.bank, request.id)
+            return pb.DeletePatternResponse()
+        return await self._call("DeletePattern", context, handler)
+
+    async def Retrieve(self, request, context):
+        async def handler():
+            body = schemas.RetrieveRequest.model_validate(_dynamics(request))
+            return _results(await self.ops.retrieve(request.bank, body))
+        return await self._call("Retrieve", context, handler)
+
+    async def Complete(self, request, context):
+        async def handler():
+            body = schemas.CompleteRequest.model_validate(
+                {**_dynamics(request), "mask": [list(m.values) for m in request.mask]})
+            return _results(await self.ops.complete(request.bank, body))
+        return await self._call("Complete", context, handler)
+
+
+def create_server(backend: Backend, *, max_message_bytes: int = 64 * 1024 * 1024) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_AmserveServicer_to_server(AmserveServicer(Operations(backend)), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    return server, health_servicer

@@ -1,0 +1,153 @@
+"""REST transport (FastAPI): thin routes over the shared operations; errors in one JSON shape."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__, errors, metrics
+from service.api import schemas
+from service.api.errors import error_body, from_validation, http_status, retry_after
+from service.api.operations import Operations
+from service.backends.base import Backend
+
+ERRORS = {status: {"model": schemas.ErrorResponse} for status in (404, 409, 413, 422, 503)}
+
+
+def error_response(exc: errors.ServiceError) -> JSONResponse:
+    headers = {}
+    if (seconds := retry_after(exc)) is not None:
+        headers["Retry-After"] = str(max(1, round(seconds)))
+    return JSONResponse(error_body(exc), status_code=http_status(exc), headers=headers)
+
+
+class BodyLimit:
+    """413 for bodies over `max_bytes`, by Content-Length or by counting a streamed body."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = errors.TooLarge(f"request body exceeds {self.max_bytes} bytes", field="body")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            metrics.REJECTIONS.labels(reason="body_too_large").inc()
+            return await error_response(too_large)(scope, receive, send)
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise errors.TooLarge(too_large.message, field="body")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+class Measured:
+    """Request duration, count and in-flight gauge per route template (pure ASGI: no per-request task)."""
+
+    UNMEASURED = ("/metrics", "/healthz/live", "/healthz/ready")
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.IN_FLIGHT.labels("rest").inc()
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            metrics.IN_FLIGHT.labels("rest").dec()
+            route = getattr(scope.get("route"), "path", "unmatched")
+            if route not in self.UNMEASURED:
+                metrics.REQUEST_DURATION.labels(route, "rest", "associative_memory", str(status)).observe(
+                    time.perf_counter() - started)
+                metrics.REQUESTS.labels(route, "rest", str(status)).inc()
+
+
+def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024) -> FastAPI:
+    ops = Operations(backend)
+    app = FastAPI(title="amserve", version=__version__,
+                  description="Associative memories, the Energy Transformer and decoder LMs.")
+
+    @app.exception_handler(errors.ServiceError)
+    async def service_error(_: Request, exc: errors.ServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(from_validation(list(exc.errors())))
+
+    @app.get("/healthz/live", tags=["probes"])
+    async def live() -> dict:
+        return {"status": "live"}
+
+    @app.get("/healthz/ready", tags=["probes"])
+    async def ready() -> JSONResponse:
+        is_ready = await backend.ready()
+        return JSONResponse({"ready": is_ready, "backend": backend.name}, status_code=200 if is_ready else 503)
+
+    @app.get("/metrics", tags=["probes"])
+    async def prometheus() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.put("/v1/banks/{bank}", status_code=201, response_model=schemas.BankInfo, responses=ERRORS, tags=["banks"])
+    async def create_bank(bank: str, body: schemas.CreateBank):
+        return await ops.create_bank(bank, body)
+
+    @app.get("/v1/banks", response_model=schemas.BankList, tags=["banks"])
+    async def list_banks():
+        return await ops.list_banks()
+
+    @app.get("/v1/banks/{bank}", response_model=schemas.BankInfo, responses=ERRORS, tags=["banks"])
+    async def get_bank(bank: str):
+        return await ops.get_bank(bank)
+
+    @app.delete("/v1/banks/{bank}", status_code=204, responses=ERRORS, tags=["banks"])
+    async def delete_bank(bank: str) -> Response:
+        await ops.delete_bank(bank)
+        return Response(status_code=204)
+
+    @app.post("/v1/banks/{bank}/store", response_model=schemas.StoreResponse, responses=ERRORS, tags=["memory"])
+    async def store(bank: str, body: schemas.StoreRequest):
+        return await ops.store(bank, body)
+
+    @app.delete("/v1/banks/{bank}/patterns/{pattern_id}", status_code=204, responses=ERRORS, tags=["memory"])
+    async def delete_pattern(bank: str, pattern_id: str) -> Response:
+        await ops.delete_pattern(bank, pattern_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/banks/{bank}/retrieve", response_model=schemas.RetrieveResponse, responses=ERRORS,
+              tags=["memory"])
+    async def retrieve(bank: str, body: schemas.RetrieveRequest):
+        return await ops.retrieve(bank, body)
+
+    @app.post("/v1/banks/{bank}/complete", response_model=schemas.RetrieveResponse, responses=ERRORS,
+              tags=["memory"])
+    async def complete(bank: str, body: schemas.CompleteRequest):
+        return await ops.complete(bank, body)
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(Measured)
+    return app

@@ -1,0 +1,114 @@
+"""Request and response models shared by REST and gRPC: validation happens here, once."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Vector = Annotated[list[Finite], Field(min_length=1)]
+BankName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+# Set from Settings.max_vectors_per_request when the app is built.
+LIMITS = {"max_vectors": 10_000}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def check_matrix(rows: list[list[Any]]) -> list[list[Any]]:
+    """Rectangular and within the per-request vector limit (pydantic names the field)."""
+    if len(rows) > LIMITS["max_vectors"]:
+        raise ValueError(f"{len(rows)} vectors exceed the limit of {LIMITS['max_vectors']} per request")
+    width = len(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(f"row {i} has {len(row)} values, row 0 has {width} (ragged array)")
+    return rows
+
+
+class CreateBank(Strict):
+    kind: str
+    dim: int = Field(ge=1, le=65536)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class BankInfo(BaseModel):
+    name: str
+    kind: str
+    dim: int
+    params: dict[str, Any]
+    count: int
+    bytes: int
+
+
+class BankList(BaseModel):
+    banks: list[BankInfo]
+
+
+class StoreRequest(Strict):
+    patterns: list[Vector] = Field(min_length=1)
+    ids: list[str] | None = None
+
+    _rectangular = field_validator("patterns")(check_matrix)
+
+
+class StoreResponse(BaseModel):
+    ids: list[str]
+    count: int
+
+
+class DynamicsRequest(Strict):
+    queries: list[Vector] = Field(min_length=1)
+    steps: int | None = Field(default=None, ge=1, le=10_000)
+    step_size: float | None = Field(default=None, gt=0, le=1e3, allow_inf_nan=False)
+    tolerance: float | None = Field(default=None, gt=0, le=1e3, allow_inf_nan=False)
+    trace: bool = False
+
+    _rectangular = field_validator("queries")(check_matrix)
+
+
+class RetrieveRequest(DynamicsRequest):
+    pass
+
+
+class CompleteRequest(DynamicsRequest):
+    mask: list[list[bool]] = Field(min_length=1, description="true = known entry, clamped")
+
+    @field_validator("mask")
+    @classmethod
+    def _same_shape_as_queries(cls, mask: list[list[bool]], info: ValidationInfo) -> list[list[bool]]:
+        queries = info.data.get("queries")
+        if queries is not None and (len(mask) != len(queries) or any(len(m) != len(q) for m, q in zip(mask, queries))):
+            raise ValueError("mask must have the same shape as queries")
+        return mask
+
+
+class Nearest(BaseModel):
+    id: str
+    similarity: float
+
+
+class MemoryResult(BaseModel):
+    state: list[float]
+    energy: float
+    steps: int
+    converged: bool
+    nearest: Nearest | None
+    trace: list[float] | None = None
+
+
+class RetrieveResponse(BaseModel):
+    results: list[MemoryResult]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,40 @@
+"""The one interface the API layer calls. REST and gRPC both go through it, one call per operation."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from service.engines.memory.registry import BankInfo, DynamicsOptions, MemoryResult
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ready(self) -> bool:
+        """True when every model this backend serves can answer now."""
+        ...
+
+    async def create_bank(self, name: str, kind: str, dim: int, params: dict) -> BankInfo: ...
+
+    async def list_banks(self) -> list[BankInfo]: ...
+
+    async def bank_info(self, name: str) -> BankInfo: ...
+
+    async def delete_bank(self, name: str) -> None: ...
+
+    async def store(self, name: str, patterns: np.ndarray, ids: list[str] | None) -> tuple[list[str], int]:
+        """Returns (ids in request order, bank count) once the patterns are durable."""
+        ...
+
+    async def delete_pattern(self, name: str, pattern_id: str) -> None: ...
+
+    async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
+                         options: DynamicsOptions) -> list[MemoryResult]:
+        """Retrieve (clamp None) or complete (clamp N×D bool, True = known) on one bank."""
+        ...

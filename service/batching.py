@@ -1,0 +1,127 @@
+"""Dynamic micro-batching for the embedded backend, with the knobs of Triton's dynamic batcher.
+
+Requests with the same key (bank and dynamics options) wait up to `max_queue_delay_us` for company, then
+up to `max_batch_size` query rows go to the engine as one call. While the engine is busy, new requests
+queue up, so batches grow with load on their own. The queue is bounded: past `max_queue_size` waiting
+requests, `submit` raises Overloaded at once instead of letting latency grow without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from service import metrics
+from service.errors import Overloaded
+
+
+@dataclass
+class _Pending:
+    item: Any
+    rows: int
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        run_batch: Callable[[Hashable, list[Any]], Sequence[Any]],
+        *,
+        executor: Executor,
+        max_batch_size: int = 64,
+        max_queue_delay_us: int = 500,
+        max_queue_size: int = 1024,
+        model: str = "associative_memory",
+    ):
+        """`run_batch(key, items)` runs in `executor` and returns one result per item, or raises; an
+        exception fails every request of that batch."""
+        self._run_batch = run_batch
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay = max_queue_delay_us / 1e6
+        self.max_queue_size = max_queue_size
+        self._model = model
+        self._queues: OrderedDict[Hashable, deque[_Pending]] = OrderedDict()
+        self._waiting = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._dispatch_forever())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def submit(self, key: Hashable, item: Any, rows: int) -> Any:
+        if self._waiting >= self.max_queue_size:
+            metrics.REJECTIONS.labels(reason="queue_full").inc()
+            raise Overloaded(f"the {self._model} queue is full ({self.max_queue_size} waiting requests)")
+        pending = _Pending(item, rows, asyncio.get_running_loop().create_future())
+        self._queues.setdefault(key, deque()).append(pending)
+        self._waiting += 1
+        metrics.QUEUE_DEPTH.labels(self._model).set(self._waiting)
+        self._wakeup.set()
+        return await pending.future
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            if not self._queues:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            key, queue = next(iter(self._queues.items()))  # oldest key first: no starvation
+            deadline = queue[0].enqueued + self.max_queue_delay
+            while sum(p.rows for p in queue) < self.max_batch_size and (delay := deadline - time.perf_counter()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), delay)
+                except TimeoutError:
+                    break
+            batch = self._take(key, queue)
+            if batch:
+                await self._run(key, batch)
+
+    def _take(self, key: Hashable, queue: deque[_Pending]) -> list[_Pending]:
+        batch, rows = [], 0
+        while queue and (not batch or rows + queue[0].rows <= self.max_batch_size):
+            pending = queue.popleft()
+            self._waiting -= 1
+            if not pending.future.cancelled():  # the client went away while waiting
+                batch.append(pending)
+                rows += pending.rows
+        if queue:
+            self._queues.move_to_end(key)
+        else:
+            del self._queues[key]
+        metrics.QUEUE_DEPTH.labels(self._model).set(self._waiting)
+        return batch
+
+    async def _run(self, key: Hashable, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        for pending in batch:
+            metrics.QUEUE_WAIT.labels(self._model).observe(started - pending.enqueued)
+        metrics.BATCH_SIZE.labels(self._model).observe(len(batch))
+        metrics.BATCH_ROWS.labels(self._model).observe(sum(p.rows for p in batch))
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run_batch, key, [p.item for p in batch])
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        for pending, result in zip(batch, results):
+            if not pending.future.done():
+                pending.future.set_result(result)

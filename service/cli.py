@@ -1,0 +1,58 @@
+"""`amserve` command line: serve, triton, export, train."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from service import __version__
+from service.config import Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    settings = Settings.from_env(
+        host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port, backend=args.backend,
+        triton_url=args.triton_url, data_dir=args.data_dir, model_repository=args.model_repository,
+        device=args.device, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+        max_queue_size=args.max_queue_size, max_body_bytes=args.max_body_bytes,
+        max_vectors_per_request=args.max_vectors_per_request)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _add_serve(commands) -> None:
+    p = commands.add_parser("serve", help="run the REST + gRPC gateway")
+    p.add_argument("--backend", choices=["triton", "embedded"], help="where models run (default: triton)")
+    p.add_argument("--triton-url", help="gRPC host:port of a running Triton (default: start one)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--rest-port", type=int, help="REST port (default 8000)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
+    p.add_argument("--data-dir", type=Path, help="where banks are persisted (default ./data)")
+    p.add_argument("--model-repository", type=Path, help="Triton model repository (default ./model_repository)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="engine device (default auto)")
+    p.add_argument("--max-batch-size", type=int, help="query rows per batched engine call (default 64)")
+    p.add_argument("--max-queue-delay-us", type=int, help="how long a request waits for company (default 500)")
+    p.add_argument("--max-queue-size", type=int, help="waiting requests before 503 (default 1024)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (default 64 MiB)")
+    p.add_argument("--max-vectors-per-request", type=int, help="vectors per store/retrieve (default 10000)")
+    p.set_defaults(func=_serve)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="amserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"amserve {__version__}")
+    parser.add_argument("--log-level", default="WARNING")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(commands)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

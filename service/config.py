@@ -1,0 +1,51 @@
+"""Service settings: defaults here, overridden by `amserve serve` flags or AMSERVE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    rest_port: int = 8000
+    grpc_port: int = 8001
+    backend: str = "triton"                 # "triton" | "embedded"
+    triton_url: str | None = None           # host:port of a running Triton's gRPC endpoint
+    data_dir: Path = Path("data")
+    model_repository: Path = Path("model_repository")
+    device: str = "auto"                    # "auto" | "cpu" | "cuda"
+    # Dynamic batching of retrieve/complete (embedded backend; the triton backend reads config.pbtxt).
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 500
+    max_queue_size: int = 1024
+    # Request limits.
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_vectors_per_request: int = 10_000
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        """AMSERVE_<FIELD> environment variables, then explicit overrides (None means not given)."""
+        values = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"AMSERVE_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        for f in fields(cls):  # coerce env strings to the field's type
+            value = getattr(settings, f.name)
+            if isinstance(value, str) and f.type in ("int", "Path"):
+                setattr(settings, f.name, int(value) if f.type == "int" else Path(value))
+        settings.data_dir = Path(settings.data_dir)
+        settings.model_repository = Path(settings.model_repository)
+        return settings
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

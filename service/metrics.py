@@ -1,0 +1,30 @@
+"""Prometheus metrics of the gateway (names in the style of vLLM/TGI). Documented in docs/metrics.md."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REQUEST_DURATION = Histogram(
+    "amserve_request_duration_seconds", "Time from request received to response sent.",
+    ["route", "transport", "model", "status"], buckets=LATENCY_BUCKETS)
+REQUESTS = Counter(
+    "amserve_requests_total", "Requests answered.", ["route", "transport", "status"])
+REJECTIONS = Counter(
+    "amserve_rejections_total", "Requests refused before reaching a model.", ["reason"])
+IN_FLIGHT = Gauge(
+    "amserve_requests_in_flight", "Requests being handled now.", ["transport"])
+QUEUE_WAIT = Histogram(
+    "amserve_queue_wait_seconds", "Time a request waited in the batching queue.", ["model"],
+    buckets=LATENCY_BUCKETS)
+QUEUE_DEPTH = Gauge(
+    "amserve_queue_depth", "Requests waiting in the batching queue.", ["model"])
+BATCH_SIZE = Histogram(
+    "amserve_batch_size", "Requests merged into one engine call.", ["model"], buckets=BATCH_BUCKETS)
+BATCH_ROWS = Histogram(
+    "amserve_batch_rows", "Query vectors in one engine call.", ["model"], buckets=BATCH_BUCKETS)
+RETRIEVE_STEPS = Histogram(
+    "amserve_retrieve_steps", "Dynamics steps until convergence or the step limit.", ["bank"],
+    buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000))
+BANK_PATTERNS = Gauge(
+    "amserve_bank_patterns", "Patterns stored in a bank.", ["bank"])

@@ -1,0 +1,74 @@
+"""Runs the gateway: one asyncio loop hosting the FastAPI app (uvicorn) and the grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvicorn
+from grpc_health.v1 import health_pb2
+
+from service.api import schemas
+from service.api.grpc_server import SERVICE_NAME, create_server
+from service.api.rest import create_app
+from service.backends.base import Backend
+from service.config import Settings
+
+log = logging.getLogger("amserve")
+
+
+def build_backend(settings: Settings) -> Backend:
+    if settings.backend == "embedded":
+        from service.backends.embedded import EmbeddedBackend
+
+        return EmbeddedBackend(settings.data_dir, device=settings.torch_device(),
+                               max_batch_size=settings.max_batch_size,
+                               max_queue_delay_us=settings.max_queue_delay_us,
+                               max_queue_size=settings.max_queue_size)
+    if settings.backend == "triton":
+        from service.backends.triton import TritonBackend
+
+        return TritonBackend(settings.triton_url)
+    raise SystemExit(f"unknown backend {settings.backend!r} (expected 'embedded' or 'triton')")
+
+
+async def serve(settings: Settings, backend: Backend | None = None) -> None:
+    schemas.LIMITS["max_vectors"] = settings.max_vectors_per_request
+    backend = backend or build_backend(settings)
+    await backend.start()
+    app = create_app(backend, max_body_bytes=settings.max_body_bytes)
+    rest = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.rest_port, log_level="warning",
+                                         lifespan="off", timeout_graceful_shutdown=30))
+    rest.install_signal_handlers = lambda: None  # this function owns SIGINT/SIGTERM for both transports
+    grpc_server, health_servicer = create_server(backend, max_message_bytes=settings.max_body_bytes)
+    grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    await grpc_server.start()
+    health_task = asyncio.create_task(_follow_readiness(backend, health_servicer))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    rest_task = asyncio.create_task(rest.serve())
+    log.warning("amserve: REST on http://%s:%d, gRPC on %s:%d, backend %s", settings.host, settings.rest_port,
+                settings.host, settings.grpc_port, backend.name)
+    stop_task = asyncio.create_task(stop.wait())
+    await asyncio.wait({rest_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    # Drain: refuse new work, let in-flight requests finish, then release the backend.
+    await health_servicer.enter_graceful_shutdown()
+    rest.should_exit = True
+    await asyncio.gather(rest_task, grpc_server.stop(grace=30), return_exceptions=True)
+    health_task.cancel()
+    await backend.close()
+    stop_task.cancel()
+
+
+async def _follow_readiness(backend: Backend, health_servicer, period: float = 1.0) -> None:
+    """grpc.health.v1 status mirrors the backend's readiness (e.g. Triton going away and coming back)."""
+    while True:
+        ready = await backend.ready()
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+        await asyncio.sleep(period)
