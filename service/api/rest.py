@@ -41,17 +41,30 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             metrics.REJECTIONS.labels(reason="body_too_large").inc()
             return await error_response(too_large)(scope, receive, send)
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
+        if length is not None:
+            return await self.app(scope, receive, send)
+        # A streamed body: read it here (the app would buffer it anyway) so the limit answers 413.
+        chunks, received, more = [], 0, True
+        while more:
             message = await receive()
-            received += len(message.get("body", b""))
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            more = message.get("more_body", False)
             if received > self.max_bytes:
-                raise errors.TooLarge(too_large.message, field="body")
-            return message
+                metrics.REJECTIONS.labels(reason="body_too_large").inc()
+                return await error_response(too_large)(scope, receive, send)
+        replayed = False
 
-        await self.app(scope, counting_receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class Measured:

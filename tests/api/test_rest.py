@@ -1,0 +1,184 @@
+"""Every REST endpoint over a real socket: success paths against exact computation, every error path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def create(client, name, kind="modern", dim=8, **params):
+    r = client.put(f"/v1/banks/{name}", json={"kind": kind, "dim": dim, "params": params})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def error(r, status: int, field: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert body["code"] and body["message"]
+    if field is not None:
+        assert body.get("field") == field, body
+    return body
+
+
+def test_bank_lifecycle(client, bank_name):
+    info = create(client, bank_name, "modern", 8, beta=4.0)
+    assert info == {"name": bank_name, "kind": "modern", "dim": 8, "params": {"beta": 4.0}, "count": 0, "bytes": 0}
+    error(client.put(f"/v1/banks/{bank_name}", json={"kind": "modern", "dim": 8}), 409, "bank")
+    assert bank_name in [b["name"] for b in client.get("/v1/banks").json()["banks"]]
+    assert client.get(f"/v1/banks/{bank_name}").json()["kind"] == "modern"
+    assert client.delete(f"/v1/banks/{bank_name}").status_code == 204
+    error(client.get(f"/v1/banks/{bank_name}"), 404, "bank")
+    error(client.delete(f"/v1/banks/{bank_name}"), 404, "bank")
+    assert bank_name not in [b["name"] for b in client.get("/v1/banks").json()["banks"]]
+
+
+def test_store_is_idempotent_per_id_and_counts_bytes(client, bank_name):
+    create(client, bank_name, "modern", 4)
+    patterns = [[1, 0, 0, 0], [0, 1, 0, 0]]
+    r = client.post(f"/v1/banks/{bank_name}/store", json={"patterns": patterns, "ids": ["a", "b"]})
+    assert r.json() == {"ids": ["a", "b"], "count": 2}
+    again = client.post(f"/v1/banks/{bank_name}/store", json={"patterns": patterns, "ids": ["a", "b"]})
+    assert again.json() == {"ids": ["a", "b"], "count": 2}
+    error(client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[0, 0, 1, 0]], "ids": ["a"]}), 409, "ids[0]")
+    generated = client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[0, 0, 1, 0]]}).json()
+    assert generated["count"] == 3 and len(generated["ids"][0]) == 32
+    info = client.get(f"/v1/banks/{bank_name}").json()
+    assert info["count"] == 3 and info["bytes"] >= 3 * 4 * 4
+
+
+def test_retrieve_modern_matches_the_update_rule(client, bank_name):
+    rng = np.random.default_rng(0)
+    patterns = rng.standard_normal((20, 16)).astype(np.float32)
+    beta = 2.0
+    create(client, bank_name, "modern", 16, beta=beta)
+    ids = [f"p{i}" for i in range(20)]
+    client.post(f"/v1/banks/{bank_name}/store", json={"patterns": patterns.tolist(), "ids": ids})
+    query = patterns[7] + 0.1 * rng.standard_normal(16).astype(np.float32)
+    r = client.post(f"/v1/banks/{bank_name}/retrieve", json={"queries": [query.tolist()], "steps": 1, "trace": True})
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    scores = beta * patterns.astype(np.float64) @ query
+    expected = patterns.T @ (np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum())
+    np.testing.assert_allclose(result["state"], expected, rtol=1e-4, atol=1e-4)
+    assert result["steps"] == 1
+    assert len(result["trace"]) == 2 and result["trace"][1] <= result["trace"][0] + 1e-6
+    assert result["nearest"]["id"] == "p7"
+    cosine = expected @ patterns[7] / np.linalg.norm(expected) / np.linalg.norm(patterns[7])
+    assert result["nearest"]["similarity"] == pytest.approx(cosine, abs=1e-4)
+
+
+def test_complete_keeps_clamped_entries(client, bank_name):
+    create(client, bank_name, "classical", 16)
+    rng = np.random.default_rng(1)
+    patterns = np.sign(rng.standard_normal((2, 16))).astype(np.float32)
+    client.post(f"/v1/banks/{bank_name}/store", json={"patterns": patterns.tolist(), "ids": ["x", "y"]})
+    mask = np.zeros(16, bool)
+    mask[:12] = True
+    cue = np.where(mask, patterns[0], 0.0)
+    r = client.post(f"/v1/banks/{bank_name}/complete", json={"queries": [cue.tolist()], "mask": [mask.tolist()]})
+    assert r.status_code == 200, r.text
+    state = np.array(r.json()["results"][0]["state"])
+    np.testing.assert_array_equal(state[mask], patterns[0][mask])
+    assert set(np.unique(state)) <= {-1.0, 1.0}
+
+
+def test_delete_pattern(client, bank_name):
+    create(client, bank_name, "modern", 4, beta=8.0)
+    client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0, 0, 0], [0, 1, 0, 0]], "ids": ["a", "b"]})
+    assert client.delete(f"/v1/banks/{bank_name}/patterns/a").status_code == 204
+    error(client.delete(f"/v1/banks/{bank_name}/patterns/a"), 404, "id")
+    result = client.post(f"/v1/banks/{bank_name}/retrieve", json={"queries": [[0.9, 0.1, 0, 0]]}).json()["results"][0]
+    assert result["nearest"]["id"] == "b"
+    assert client.get(f"/v1/banks/{bank_name}").json()["count"] == 1
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"kind": "nope", "dim": 4}, "kind"),
+    ({"kind": "modern", "dim": 0}, "dim"),
+    ({"kind": "modern", "dim": 4, "params": {"beta": -1}}, "params.beta"),
+    ({"kind": "modern", "dim": 4, "params": {"unknown": 1}}, "params.unknown"),
+    ({"kind": "drdam", "dim": 4, "params": {"feature_map": "bogus"}}, "params.feature_map"),
+    ({"kind": "dense", "dim": 4, "params": {"n": 1}}, "params.n"),
+    ({"dim": 4}, "kind"),
+])
+def test_create_bad_input_names_the_field(client, bank_name, body, field):
+    error(client.put(f"/v1/banks/{bank_name}", json=body), 422, field)
+
+
+def test_bad_bank_name(client):
+    error(client.put("/v1/banks/Bad.Name", json={"kind": "modern", "dim": 4}), 422, "bank")
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"queries": [[1, 2, 3]]}, "queries"),                         # wrong dimension
+    ({"queries": []}, "queries"),                                   # empty
+    ({"queries": [[1, 2, 3, 4], [1, 2]]}, "queries"),               # ragged
+    ({"queries": [[1, 2, 3, "x"]]}, "queries[0][3]"),
+    ({"queries": [[1, 2, 3, 4]], "steps": 0}, "steps"),
+    ({"queries": [[1, 2, 3, 4]], "step_size": -1}, "step_size"),
+    ({"queries": [[1, 2, 3, 4]], "extra": 1}, "extra"),
+])
+def test_retrieve_bad_input_names_the_field(client, bank_name, body, field):
+    create(client, bank_name, "modern", 4)
+    client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0, 0, 0]]})
+    error(client.post(f"/v1/banks/{bank_name}/retrieve", json=body), 422, field)
+
+
+def test_nan_and_infinity_are_refused(client, bank_name):
+    create(client, bank_name, "modern", 2)
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        r = client.post(f"/v1/banks/{bank_name}/store", content=f'{{"patterns": [[1.0, {literal}]]}}',
+                        headers={"content-type": "application/json"})
+        error(r, 422, "patterns[0][1]")
+    assert client.get(f"/v1/banks/{bank_name}").json()["count"] == 0
+
+
+def test_binary_kinds_refuse_non_binary_patterns(client, bank_name):
+    create(client, bank_name, "classical", 3)
+    error(client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0.5, -1]]}), 422, "patterns")
+
+
+def test_complete_mask_shape(client, bank_name):
+    create(client, bank_name, "modern", 3)
+    client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0, 0]]})
+    error(client.post(f"/v1/banks/{bank_name}/complete", json={"queries": [[1, 0, 0]], "mask": [[True, False]]}),
+          422, "mask")
+    error(client.post(f"/v1/banks/{bank_name}/complete", json={"queries": [[1, 0, 0]]}), 422, "mask")
+
+
+def test_unknown_bank_and_empty_bank(client, bank_name):
+    error(client.post("/v1/banks/missing-bank/retrieve", json={"queries": [[1.0]]}), 404, "bank")
+    error(client.post("/v1/banks/missing-bank/store", json={"patterns": [[1.0]]}), 404, "bank")
+    create(client, bank_name, "modern", 2)
+    error(client.post(f"/v1/banks/{bank_name}/retrieve", json={"queries": [[1.0, 0.0]]}), 409)
+
+
+def test_invalid_json_and_ids(client, bank_name):
+    create(client, bank_name, "modern", 2)
+    error(client.post(f"/v1/banks/{bank_name}/store", content=b"{not json", headers={"content-type": "application/json"}),
+          422, "body")
+    error(client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0], [0, 1]], "ids": ["a", "a"]}), 422, "ids")
+    error(client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0]], "ids": ["a", "b"]}), 422, "ids")
+    error(client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0]], "ids": ["bad id/"]}), 422, "ids[0]")
+
+
+def test_probes_and_metrics(client, bank_name):
+    assert client.get("/healthz/live").status_code == 200
+    assert client.get("/healthz/ready").json()["ready"] is True
+    create(client, bank_name, "modern", 2)
+    client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0]]})
+    client.get(f"/v1/banks/{bank_name}")
+    text = client.get("/metrics").text
+    for name in ("amserve_request_duration_seconds_bucket", "amserve_requests_in_flight",
+                 "amserve_bank_patterns", "amserve_requests_total"):
+        assert name in text
+    assert f'amserve_bank_patterns{{bank="{bank_name}"}} 1.0' in text
+    assert 'route="/v1/banks/{bank}/store"' in text
+
+
+def test_openapi_documents_every_route(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/banks", "/v1/banks/{bank}", "/v1/banks/{bank}/store", "/v1/banks/{bank}/retrieve",
+                 "/v1/banks/{bank}/complete", "/v1/banks/{bank}/patterns/{pattern_id}"):
+        assert path in paths
