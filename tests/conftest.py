@@ -7,7 +7,7 @@ import grpc
 import httpx
 import pytest
 
-from tests.support import ServerProcess
+from service.harness import ServerProcess
 
 BACKENDS = ["embedded"]
 

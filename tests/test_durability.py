@@ -9,7 +9,7 @@ import time
 import httpx
 import numpy as np
 
-from tests.support import ServerProcess
+from service.harness import ServerProcess
 
 
 def test_acknowledged_stores_survive_sigkill(tmp_path):

@@ -6,6 +6,7 @@ A write returns only after its transaction has committed, so an acknowledged sto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -80,7 +81,7 @@ class SQLiteStore:
                 self._db.execute("ROLLBACK")
                 raise
             except (sqlite3.Error, OSError) as exc:
-                if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
                 raise Unavailable(f"bank storage failed: {exc}") from exc
 

@@ -1,4 +1,4 @@
-"""Real server processes on loopback for the API, batching and crash tests."""
+"""`amserve serve` as a real child process on loopback: used by the test suite, crash tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: tests and benchmarks run from it
 
 
 def free_port() -> int:

@@ -1,0 +1,214 @@
+"""Retrieve throughput and latency: raw engine vs REST vs gRPC, batching on vs off, 1/8/64 clients.
+
+Banks (built straight into the data dir through the registry, so set-up does not go through JSON):
+  small  modern D=64,  K=10k  — per-request HTTP cost dominates
+  large  modern D=256, K=100k — ~100 MB; one query is a memory-bound pass, a batch is one GEMM
+  drdam  drdam  D=64,  K=10k, Y=4096 sincos features
+
+"Raw engine" calls the bank's engine in-process with the batch sizes the server's batcher formed in the
+matching run (read from its /metrics), so the ratio REST / raw shows what the gateway costs.
+Every figure is measured in this one run; results go to loadtest/results/retrieve.json.
+
+    python loadtest/bench_retrieve.py [--seconds 4] [--clients 1,8,64] [--banks small,large,drdam]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.api.pb import amserve_pb2 as pb  # noqa: E402
+from service.api.pb import amserve_pb2_grpc as pb_grpc  # noqa: E402
+from service.engines.memory.persistence import SQLiteStore  # noqa: E402
+from service.engines.memory.registry import BankRegistry, DynamicsOptions  # noqa: E402
+from service.harness import ServerProcess  # noqa: E402
+
+BANKS = {
+    "small": {"kind": "modern", "dim": 64, "count": 10_000, "params": {"beta": 1.0}},
+    "large": {"kind": "modern", "dim": 256, "count": 100_000, "params": {"beta": 1.0}},
+    "drdam": {"kind": "drdam", "dim": 64, "count": 10_000, "params": {"beta": 1.0, "features": 4096, "seed": 7}},
+}
+STEPS = 3  # fixed work per query, so every configuration does the same arithmetic
+
+
+def build_banks(data_dir: Path, names: list[str]) -> None:
+    registry = BankRegistry(SQLiteStore(data_dir))
+    rng = np.random.default_rng(0)
+    for name in names:
+        spec = BANKS[name]
+        registry.create(name, spec["kind"], spec["dim"], spec["params"])
+        for start in range(0, spec["count"], 10_000):
+            patterns = rng.standard_normal((min(10_000, spec["count"] - start), spec["dim"])).astype(np.float32)
+            patterns /= np.linalg.norm(patterns, axis=1, keepdims=True) / 4  # norm 4: retrieval is sharp at β=1
+            registry.store_patterns(name, patterns, None)
+    registry.store.close()
+
+
+def queries_for(name: str, n: int = 256) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((n, BANKS[name]["dim"])).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True) * 4
+
+
+def summarize(latencies: list[float], seconds: float) -> dict:
+    ordered = sorted(latencies)
+    return {
+        "requests": len(ordered),
+        "throughput_rps": len(ordered) / seconds,
+        "p50_ms": 1e3 * statistics.median(ordered) if ordered else None,
+        "p99_ms": 1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None,
+    }
+
+
+async def drive(call, clients: int, seconds: float, warmup: float = 0.5) -> dict:
+    """`clients` closed-loop workers calling `call(i)` until the clock runs out; bounded by time."""
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal errors
+        i = w
+        while (now := time.perf_counter()) < stop_at:
+            try:
+                await call(i)
+            except Exception:  # noqa: BLE001 - counted, reported
+                errors += 1
+            if now >= measure_from:
+                latencies.append(time.perf_counter() - now)
+            i += clients
+
+    await asyncio.gather(*(worker(w) for w in range(clients)))
+    return {**summarize(latencies, seconds), "errors": errors}
+
+
+def batch_rows(metrics_text: str) -> tuple[float, float]:
+    """(sum, count) of amserve_batch_rows for the memory model."""
+    total = re.search(r'amserve_batch_rows_sum\{model="associative_memory"\} (\S+)', metrics_text)
+    count = re.search(r'amserve_batch_rows_count\{model="associative_memory"\} (\S+)', metrics_text)
+    return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
+
+
+async def run_rest(server: ServerProcess, bank: str, queries: np.ndarray, clients: int, seconds: float) -> dict:
+    bodies = [json.dumps({"queries": [q.tolist()], "steps": STEPS}).encode() for q in queries]
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+        async def call(i: int) -> None:
+            r = await client.post(f"/v1/banks/{bank}/retrieve", content=bodies[i % len(bodies)],
+                                  headers={"content-type": "application/json"})
+            r.raise_for_status()
+        return await drive(call, clients, seconds)
+
+
+async def run_grpc(server: ServerProcess, bank: str, queries: np.ndarray, clients: int, seconds: float) -> dict:
+    requests = [pb.RetrieveRequest(bank=bank, queries=[pb.Vector(values=q.tolist())], steps=STEPS) for q in queries]
+    async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.AmserveStub(channel)
+
+        async def call(i: int) -> None:
+            await stub.Retrieve(requests[i % len(requests)])
+        return await drive(call, clients, seconds)
+
+
+def run_raw(registry: BankRegistry, bank: str, queries: np.ndarray, batch: int, seconds: float) -> dict:
+    """The engine alone, in-process, at a given batch size: queries per second."""
+    parts = [registry.check_queries(bank, queries[i:i + 1], None) for i in range(batch)]
+    options = DynamicsOptions(steps=STEPS)
+    registry.run_batch(bank, parts, options)  # warm-up
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        registry.run_batch(bank, parts, options)
+        calls += 1
+    elapsed = time.perf_counter() - start
+    return {"batch": batch, "throughput_qps": calls * batch / elapsed, "ms_per_call": 1e3 * elapsed / calls}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per cell")
+    parser.add_argument("--clients", default="1,8,64")
+    parser.add_argument("--banks", default="small,large,drdam")
+    parser.add_argument("--out", type=Path, default=ROOT / "loadtest/results/retrieve.json")
+    args = parser.parse_args()
+    clients_list = [int(c) for c in args.clients.split(",")]
+    bank_names = args.banks.split(",")
+
+    work = Path(tempfile.mkdtemp(prefix="amserve-bench-"))
+    print(f"building banks {bank_names} in {work} ...", flush=True)
+    build_banks(work / "data", bank_names)
+    registry = BankRegistry(SQLiteStore(work / "data"))  # for the raw-engine runs (read-only use)
+    results: dict = {"machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
+                                 "torch": torch.__version__}, "steps": STEPS, "seconds": args.seconds, "cells": []}
+
+    for batching, batch_args in (("on", ["--max-batch-size", "64"]), ("off", ["--max-batch-size", "1"])):
+        with ServerProcess(work / "data", extra_args=batch_args + ["--max-queue-size", "4096"]) as server:
+            for bank in bank_names:
+                queries = queries_for(bank)
+                for transport, runner in (("rest", run_rest), ("grpc", run_grpc)):
+                    for clients in clients_list:
+                        before = batch_rows(httpx.get(f"{server.url}/metrics").text)
+                        cell = asyncio.run(runner(server, bank, queries, clients, args.seconds))
+                        after = batch_rows(httpx.get(f"{server.url}/metrics").text)
+                        calls = after[1] - before[1]
+                        cell.update(bank=bank, transport=transport, batching=batching, clients=clients,
+                                    mean_batch_rows=(after[0] - before[0]) / calls if calls else None)
+                        results["cells"].append(cell)
+                        print(f"{bank:6} {transport:4} batching={batching:3} clients={clients:3} "
+                              f"{cell['throughput_rps']:8.1f} req/s  p50 {cell['p50_ms']:7.2f} ms  "
+                              f"p99 {cell['p99_ms']:7.2f} ms  batch≈{cell['mean_batch_rows'] or 0:5.1f}  "
+                              f"errors {cell['errors']}", flush=True)
+
+    # Raw engine at the batch sizes the batcher formed (REST, batching on), measured in the same run.
+    raw: dict = {}
+    for bank in bank_names:
+        queries = queries_for(bank)
+        for clients in clients_list:
+            cell = next(c for c in results["cells"] if (c["bank"], c["transport"], c["batching"], c["clients"])
+                        == (bank, "rest", "on", clients))
+            batch = max(1, round(cell["mean_batch_rows"] or 1))
+            raw[f"{bank}/{clients}"] = run_raw(registry, bank, queries, batch, args.seconds)
+            print(f"{bank:6} raw engine batch={batch:3} {raw[f'{bank}/{clients}']['throughput_qps']:8.1f} q/s", flush=True)
+    results["raw_engine"] = raw
+
+    def rate(bank: str, transport: str, batching: str, clients: int) -> float:
+        return next(c["throughput_rps"] for c in results["cells"]
+                    if (c["bank"], c["transport"], c["batching"], c["clients"]) == (bank, transport, batching, clients))
+
+    top = max(clients_list)
+    ratios = {}
+    for bank in bank_names:
+        raw_top = raw[f"{bank}/{top}"]["throughput_qps"]
+        ratios[bank] = {
+            f"batching_on_over_off_rest_{top}": rate(bank, "rest", "on", top) / rate(bank, "rest", "off", top),
+            f"batching_on_over_off_grpc_{top}": rate(bank, "grpc", "on", top) / rate(bank, "grpc", "off", top),
+            f"rest_over_raw_{top}": rate(bank, "rest", "on", top) / raw_top,
+            f"grpc_over_raw_{top}": rate(bank, "grpc", "on", top) / raw_top,
+        }
+    results["ratios"] = ratios
+    results["targets_large_bank"] = {"batching_on_over_off": ">= 5", "rest_over_raw": ">= 0.85", "grpc_over_raw": ">= 0.90"}
+    print(json.dumps(ratios, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

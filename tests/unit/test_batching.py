@@ -1,0 +1,131 @@
+"""MicroBatcher: merging, row limit, bounded queue, per-request results, errors, cancelled waiters."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.batching import MicroBatcher
+from service.errors import Overloaded
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[tuple] = []
+        self.delay = delay
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, key, items):
+        self.release.wait(10)
+        self.calls.append((key, list(items)))
+        if any(item == "boom" for item in items):
+            raise RuntimeError("engine failed")
+        return [(key, item * 2) for item in items]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_with_one_key_share_a_call_and_get_their_own_results():
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = MicroBatcher(recorder, executor=ThreadPoolExecutor(1), max_batch_size=64, max_queue_delay_us=20_000)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit("k", i, rows=1) for i in range(10)))
+        await batcher.close()
+        return results
+
+    assert run(scenario()) == [("k", 2 * i) for i in range(10)]
+    assert len(recorder.calls) == 1 and recorder.calls[0][1] == list(range(10))
+
+
+def test_different_keys_never_share_a_call():
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = MicroBatcher(recorder, executor=ThreadPoolExecutor(1), max_batch_size=64, max_queue_delay_us=20_000)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(i % 3, i, rows=1) for i in range(9)))
+        await batcher.close()
+        return results
+
+    assert run(scenario()) == [(i % 3, 2 * i) for i in range(9)]
+    assert sorted(len(items) for _, items in recorder.calls) == [3, 3, 3]
+    assert all(len({item % 3 for item in items}) == 1 for _, items in recorder.calls)
+
+
+def test_batches_respect_the_row_limit():
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = MicroBatcher(recorder, executor=ThreadPoolExecutor(1), max_batch_size=8, max_queue_delay_us=20_000)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit("k", i, rows=3) for i in range(7)))
+        await batcher.close()
+
+    run(scenario())
+    assert all(3 * len(items) <= 8 for _, items in recorder.calls)
+    assert sum(len(items) for _, items in recorder.calls) == 7
+
+
+def test_full_queue_raises_overloaded_and_admitted_requests_complete():
+    recorder = Recorder()
+    recorder.release.clear()  # the engine is busy: requests pile up
+
+    async def scenario():
+        batcher = MicroBatcher(recorder, executor=ThreadPoolExecutor(1), max_batch_size=1, max_queue_delay_us=0,
+                               max_queue_size=3)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit("k", 0, rows=1))
+        await asyncio.sleep(0.05)  # taken by the engine, which blocks
+        admitted = [asyncio.ensure_future(batcher.submit("k", i, rows=1)) for i in (1, 2, 3)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await batcher.submit("k", 4, rows=1)
+        recorder.release.set()
+        results = await asyncio.gather(first, *admitted)
+        await batcher.close()
+        return results
+
+    assert run(scenario()) == [("k", 0), ("k", 2), ("k", 4), ("k", 6)]
+
+
+def test_engine_error_reaches_every_request_of_its_batch_only():
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = MicroBatcher(recorder, executor=ThreadPoolExecutor(1), max_batch_size=64, max_queue_delay_us=20_000)
+        batcher.start()
+        bad = await asyncio.gather(batcher.submit("a", "boom", rows=1), batcher.submit("a", 1, rows=1),
+                                   return_exceptions=True)
+        good = await batcher.submit("b", 5, rows=1)
+        await batcher.close()
+        return bad, good
+
+    bad, good = run(scenario())
+    assert all(isinstance(r, RuntimeError) for r in bad)
+    assert good == ("b", 10)
+
+
+def test_cancelled_waiters_are_skipped():
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = MicroBatcher(recorder, executor=ThreadPoolExecutor(1), max_batch_size=64, max_queue_delay_us=50_000)
+        batcher.start()
+        gone = asyncio.ensure_future(batcher.submit("k", 1, rows=1))
+        stays = asyncio.ensure_future(batcher.submit("k", 2, rows=1))
+        await asyncio.sleep(0)
+        gone.cancel()
+        result = await stays
+        await batcher.close()
+        return result
+
+    assert run(scenario()) == ("k", 4)
+    assert recorder.calls == [("k", [2])]

@@ -1,0 +1,89 @@
+"""BankRegistry over SQLite: rebuild after restart, swap-removal bookkeeping, idempotency, storage faults."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.engines.memory.persistence import SQLiteStore
+from service.engines.memory.registry import BankRegistry, DynamicsOptions
+from service.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
+
+
+def registry_at(path) -> BankRegistry:
+    return BankRegistry(SQLiteStore(path))
+
+
+def test_restart_rebuilds_banks_rows_and_ids_after_deletions(tmp_path):
+    rng = np.random.default_rng(0)
+    patterns = rng.standard_normal((6, 16)).astype(np.float32)
+    ids = [f"p{i}" for i in range(6)]
+    first = registry_at(tmp_path)
+    first.create("m", "modern", 16, {"beta": 30.0})
+    first.create("d", "drdam", 16, {"features": 256, "seed": 3})
+    for name in ("m", "d"):
+        first.store_patterns(name, patterns, ids)
+        first.delete_pattern(name, "p1")  # swap-removal moves p5 into row 1
+        first.delete_pattern(name, "p3")
+    before = first.run("m", patterns, None, DynamicsOptions(steps=5))
+    before_d = first.run("d", patterns, None, DynamicsOptions(steps=5))
+    first.store.close()
+
+    again = registry_at(tmp_path)
+    assert [b.name for b in again.list()] == ["d", "m"]
+    assert again.info("m").count == 4 and again.info("d").params["seed"] == 3
+    after = again.run("m", patterns, None, DynamicsOptions(steps=5))
+    after_d = again.run("d", patterns, None, DynamicsOptions(steps=5))
+    for b, a in zip(before + before_d, after + after_d):
+        assert a.nearest["id"] == b.nearest["id"]
+        assert a.nearest["similarity"] == pytest.approx(b.nearest["similarity"], abs=1e-5)
+        np.testing.assert_allclose(a.state, b.state, rtol=1e-5, atol=1e-6)
+        assert a.energy == pytest.approx(b.energy, rel=1e-5, abs=1e-6)
+    assert [after[i].nearest["id"] for i in (0, 2, 4, 5)] == ["p0", "p2", "p4", "p5"]
+
+
+def test_nearest_ids_follow_swap_removal(tmp_path):
+    registry = registry_at(tmp_path)
+    registry.create("b", "modern", 3, {"beta": 50.0})
+    eye = np.eye(3, dtype=np.float32)
+    registry.store_patterns("b", eye, ["x", "y", "z"])
+    registry.delete_pattern("b", "x")  # z moves into x's row
+    results = registry.run("b", eye[1:], None, DynamicsOptions())
+    assert [r.nearest["id"] for r in results] == ["y", "z"]
+
+
+def test_store_idempotency_and_conflicts(tmp_path):
+    registry = registry_at(tmp_path)
+    registry.create("b", "modern", 2, {})
+    assert registry.store_patterns("b", np.array([[1, 0]], np.float32), ["a"]) == (["a"], 1)
+    assert registry.store_patterns("b", np.array([[1, 0]], np.float32), ["a"]) == (["a"], 1)
+    with pytest.raises(Conflict) as info:
+        registry.store_patterns("b", np.array([[0, 1]], np.float32), ["a"])
+    assert info.value.field == "ids[0]"
+    with pytest.raises(AlreadyExists):
+        registry.create("b", "modern", 2, {})
+    with pytest.raises(NotFound):
+        registry.store_patterns("nope", np.array([[1, 0]], np.float32), None)
+    with pytest.raises(InvalidArgument) as info:
+        registry.create("Bad", "modern", 2, {})
+    assert info.value.field == "bank"
+
+
+def test_deleted_bank_is_gone_after_restart(tmp_path):
+    registry = registry_at(tmp_path)
+    registry.create("b", "modern", 2, {})
+    registry.store_patterns("b", np.array([[1, 0]], np.float32), ["a"])
+    registry.delete("b")
+    registry.create("b", "rbf", 2, {})  # same name, fresh bank
+    registry.store.close()
+    again = registry_at(tmp_path)
+    assert again.info("b").kind == "rbf" and again.info("b").count == 0
+
+
+def test_failed_commit_leaves_serving_state_unchanged(tmp_path):
+    registry = registry_at(tmp_path)
+    registry.create("b", "modern", 2, {})
+    registry.store.close()  # every later write fails inside the store
+    with pytest.raises(Unavailable):
+        registry.store_patterns("b", np.array([[1, 0]], np.float32), ["a"])
+    assert registry.info("b").count == 0
