@@ -28,3 +28,17 @@ RETRIEVE_STEPS = Histogram(
     buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000))
 BANK_PATTERNS = Gauge(
     "amserve_bank_patterns", "Patterns stored in a bank.", ["bank"])
+
+
+MODEL_OF_ROUTE = {
+    "/v1/complete": "energy_transformer", "CompleteImage": "energy_transformer",
+    "/v1/generate": "llm", "/v1/completions": "llm", "Generate": "llm",
+}
+MEMORY_RPCS = {"CreateBank", "ListBanks", "GetBank", "DeleteBank", "Store", "DeletePattern", "Retrieve", "Complete"}
+
+
+def model_of(route: str) -> str:
+    """The `model` label of a REST route template or gRPC method."""
+    if route in MODEL_OF_ROUTE:
+        return MODEL_OF_ROUTE[route]
+    return "associative_memory" if route.startswith("/v1/banks") or route in MEMORY_RPCS else "none"

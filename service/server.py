@@ -22,7 +22,8 @@ def build_backend(settings: Settings) -> Backend:
     if settings.backend == "embedded":
         from service.backends.embedded import EmbeddedBackend
 
-        return EmbeddedBackend(settings.data_dir, device=settings.torch_device(),
+        return EmbeddedBackend(settings.data_dir, model_repository=settings.model_repository,
+                               device=settings.torch_device(),
                                max_batch_size=settings.max_batch_size,
                                max_queue_delay_us=settings.max_queue_delay_us,
                                max_queue_size=settings.max_queue_size)

@@ -71,7 +71,7 @@ class AmserveServicer(pb_grpc.AmserveServicer):
             await context.abort(status, message)
         finally:
             metrics.IN_FLIGHT.labels("grpc").dec()
-            metrics.REQUEST_DURATION.labels(route, "grpc", "associative_memory", status.name).observe(
+            metrics.REQUEST_DURATION.labels(route, "grpc", metrics.model_of(route), status.name).observe(
                 time.perf_counter() - started)
             metrics.REQUESTS.labels(route, "grpc", status.name).inc()
 
@@ -125,6 +125,26 @@ class AmserveServicer(pb_grpc.AmserveServicer):
                 {**_dynamics(request), "mask": [list(m.values) for m in request.mask]})
             return _results(await self.ops.complete(request.bank, body))
         return await self._call("Complete", context, handler)
+
+
+    async def CompleteImage(self, request, context):
+        async def handler():
+            body = schemas.CompleteImageRequest.model_validate({
+                "model": request.model or "energy-transformer",
+                "image": [list(row.values) for row in request.image],
+                "mask": [list(row.values) for row in request.mask],
+                **({"steps": request.steps} if request.HasField("steps") else {})})
+            done = await self.ops.complete_image(body)
+            return pb.CompleteImageResponse(model=done.model, image=[pb.Vector(values=row) for row in done.image],
+                                            energy_trace=done.energy_trace)
+        return await self._call("CompleteImage", context, handler)
+
+    async def ListModels(self, request, context):
+        async def handler():
+            listing = await self.ops.models()
+            return pb.ListModelsResponse(models=[
+                pb.ModelCard(id=m.id, task=m.task, ready=m.ready, details=_struct(m.details)) for m in listing.data])
+        return await self._call("ListModels", context, handler)
 
 
 def create_server(backend: Backend, *, max_message_bytes: int = 64 * 1024 * 1024) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:

@@ -59,6 +59,14 @@ class Operations:
     async def complete(self, bank: str, request: schemas.CompleteRequest) -> schemas.RetrieveResponse:
         return await self._run(bank, request, np.asarray(request.mask, dtype=bool))
 
+    async def complete_image(self, request: schemas.CompleteImageRequest) -> schemas.CompleteImageResponse:
+        image, trace = await self.backend.complete_image(
+            np.asarray(request.image, dtype=np.float32), np.asarray(request.mask, dtype=bool), request.steps)
+        return schemas.CompleteImageResponse(model=request.model, image=image.tolist(), energy_trace=trace)
+
+    async def models(self) -> schemas.ModelList:
+        return schemas.ModelList(data=[schemas.ModelCard(**card) for card in await self.backend.models()])
+
     async def _run(self, bank: str, request: schemas.DynamicsRequest, clamp: np.ndarray | None
                    ) -> schemas.RetrieveResponse:
         check_bank_name(bank)

@@ -94,7 +94,7 @@ class Measured:
             metrics.IN_FLIGHT.labels("rest").dec()
             route = getattr(scope.get("route"), "path", "unmatched")
             if route not in self.UNMEASURED:
-                metrics.REQUEST_DURATION.labels(route, "rest", "associative_memory", str(status)).observe(
+                metrics.REQUEST_DURATION.labels(route, "rest", metrics.model_of(route), str(status)).observe(
                     time.perf_counter() - started)
                 metrics.REQUESTS.labels(route, "rest", str(status)).inc()
 
@@ -163,4 +163,12 @@ def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024) -> F
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(Measured)
+    @app.post("/v1/complete", response_model=schemas.CompleteImageResponse, responses=ERRORS, tags=["models"])
+    async def complete_image(body: schemas.CompleteImageRequest):
+        return await ops.complete_image(body)
+
+    @app.get("/v1/models", response_model=schemas.ModelList, tags=["models"])
+    async def models():
+        return await ops.models()
+
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -102,6 +102,49 @@ class MemoryResult(BaseModel):
 
 class RetrieveResponse(BaseModel):
     results: list[MemoryResult]
+
+
+class CompleteImageRequest(Strict):
+    model: Literal["energy-transformer"] = "energy-transformer"
+    image: list[list[Finite]] = Field(min_length=1, description="H×W pixel values in [0,1]")
+    mask: list[list[bool]] = Field(min_length=1, description="H×W, true = missing pixel")
+    steps: int | None = Field(default=None, ge=0, le=1000)
+
+    @field_validator("image")
+    @classmethod
+    def _pixels(cls, image: list[list[float]]) -> list[list[float]]:
+        check_matrix(image)
+        if any(not 0.0 <= v <= 1.0 for row in image for v in row):
+            raise ValueError("pixel values must be in [0, 1]")
+        return image
+
+    @field_validator("mask")
+    @classmethod
+    def _same_shape_as_image(cls, mask: list[list[bool]], info: ValidationInfo) -> list[list[bool]]:
+        image = info.data.get("image")
+        if image is not None and (len(mask) != len(image) or any(len(m) != len(r) for m, r in zip(mask, image))):
+            raise ValueError("mask must have the same shape as image")
+        return mask
+
+
+class CompleteImageResponse(BaseModel):
+    model: str
+    image: list[list[float]]
+    energy_trace: list[float]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "amserve"
+    task: str
+    ready: bool
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class ErrorBody(BaseModel):

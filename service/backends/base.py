@@ -34,6 +34,15 @@ class Backend(Protocol):
 
     async def delete_pattern(self, name: str, pattern_id: str) -> None: ...
 
+    async def models(self) -> list[dict]:
+        """Served models: {"id", "task", "ready", "details"}."""
+        ...
+
+    async def complete_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
+                             ) -> tuple[np.ndarray, list[float]]:
+        """Energy Transformer: one H×W image in [0,1] and its missing-pixel mask → (image, energy trace)."""
+        ...
+
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
                          options: DynamicsOptions) -> list[MemoryResult]:
         """Retrieve (clamp None) or complete (clamp N×D bool, True = known) on one bank."""

@@ -5,19 +5,28 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+from pathlib import Path
+
 import numpy as np
+import torch
 
 from service.batching import MicroBatcher
+from service.engines import energy_transformer
+from service.engines.memory import KINDS
 from service.engines.memory.persistence import SQLiteStore
 from service.engines.memory.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResult
+from service.errors import Unavailable
+
+ET_DIR = Path("energy_transformer") / "1"
 
 
 class EmbeddedBackend:
     name = "embedded"
 
-    def __init__(self, data_dir, *, device: str = "cpu", max_batch_size: int = 64,
-                 max_queue_delay_us: int = 500, max_queue_size: int = 1024):
+    def __init__(self, data_dir, *, model_repository: Path = Path("model_repository"), device: str = "cpu",
+                 max_batch_size: int = 64, max_queue_delay_us: int = 500, max_queue_size: int = 1024):
         self._data_dir = data_dir
+        self._model_repository = Path(model_repository)
         self._device = device
         self._batching = dict(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                               max_queue_size=max_queue_size)
@@ -28,6 +37,8 @@ class EmbeddedBackend:
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="bank-writes")
         self.registry: BankRegistry | None = None
         self.batcher: MicroBatcher | None = None
+        self.image_model: energy_transformer.EnergyTransformer | None = None
+        self.image_batcher: MicroBatcher | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -35,10 +46,17 @@ class EmbeddedBackend:
             self._write_thread, lambda: BankRegistry(SQLiteStore(self._data_dir), self._device))
         self.batcher = MicroBatcher(self._run_batch, executor=self._engine_thread, **self._batching)
         self.batcher.start()
+        if (self._model_repository / ET_DIR).is_dir():
+            self.image_model = await loop.run_in_executor(
+                self._engine_thread, energy_transformer.load, self._model_repository / ET_DIR, self._device)
+            self.image_batcher = MicroBatcher(self._run_image_batch, executor=self._engine_thread,
+                                              model="energy_transformer", **self._batching)
+            self.image_batcher.start()
 
     async def close(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.close()
+        for batcher in (self.batcher, self.image_batcher):
+            if batcher is not None:
+                await batcher.close()
         self._engine_thread.shutdown(wait=True)
         self._write_thread.shutdown(wait=True)
         if self.registry is not None:
@@ -46,6 +64,27 @@ class EmbeddedBackend:
 
     async def ready(self) -> bool:
         return self.registry is not None
+
+    async def models(self) -> list[dict]:
+        return [
+            {"id": "associative-memory", "task": "retrieve", "ready": self.registry is not None,
+             "details": {"kinds": sorted(KINDS)}},
+            {"id": "energy-transformer", "task": "image-completion", "ready": self.image_model is not None,
+             "details": {"image_size": self.image_model.config.image_size} if self.image_model else {}},
+        ]
+
+    async def complete_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
+                             ) -> tuple[np.ndarray, list[float]]:
+        if self.image_model is None:
+            raise Unavailable(f"energy-transformer weights not found under {self._model_repository / ET_DIR}")
+        images, masks = torch.from_numpy(image[None].astype(np.float32)), torch.from_numpy(missing[None])
+        self.image_model.check_inputs(images, masks, steps)  # a bad request fails alone, not its batch
+        return await self.image_batcher.submit(steps, (images, masks), rows=1)
+
+    def _run_image_batch(self, steps: int | None, parts: list) -> list[tuple[np.ndarray, list[float]]]:
+        completed, trace = self.image_model.complete(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                                                     steps=steps)
+        return [(image.numpy(), energies.tolist()) for image, energies in zip(completed, trace)]
 
     async def _write(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._write_thread, fn, *args)
