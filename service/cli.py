@@ -20,7 +20,9 @@ def _serve(args: argparse.Namespace) -> int:
         triton_url=args.triton_url, data_dir=args.data_dir, model_repository=args.model_repository,
         device=args.device, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
         max_queue_size=args.max_queue_size, max_body_bytes=args.max_body_bytes,
-        max_vectors_per_request=args.max_vectors_per_request)
+        max_vectors_per_request=args.max_vectors_per_request, model=args.model,
+        max_running_sequences=args.max_running_sequences, max_waiting_sequences=args.max_waiting_sequences,
+        max_context=args.max_context)
     asyncio.run(serve(settings))
     return 0
 
@@ -40,6 +42,11 @@ def _add_serve(commands) -> None:
     p.add_argument("--max-queue-size", type=int, help="waiting requests before 503 (default 1024)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 64 MiB)")
     p.add_argument("--max-vectors-per-request", type=int, help="vectors per store/retrieve (default 10000)")
+    p.add_argument("--model", help='LM to serve: "default" (SmolLM2-135M-Instruct), a GPT-2/Llama checkpoint '
+                                   'directory or .gguf file, or "none"')
+    p.add_argument("--max-running-sequences", type=int, help="LM decode slots (default 16)")
+    p.add_argument("--max-waiting-sequences", type=int, help="LM requests waiting before 429 (default 64)")
+    p.add_argument("--max-context", type=int, help="LM context per slot in tokens (default 2048)")
     p.set_defaults(func=_serve)
 
 

@@ -17,6 +17,10 @@ class Settings:
     data_dir: Path = Path("data")
     model_repository: Path = Path("model_repository")
     device: str = "auto"                    # "auto" | "cpu" | "cuda"
+    model: str = "default"                  # LM to serve: "default", a checkpoint dir / .gguf, or "none"
+    max_running_sequences: int = 16         # continuous-batching slots of the LM
+    max_waiting_sequences: int = 64         # generation queue before 429
+    max_context: int = 2048                 # KV-cache length per slot (memory = slots × context)
     # Dynamic batching of retrieve/complete (embedded backend; the triton backend reads config.pbtxt).
     max_batch_size: int = 64
     max_queue_delay_us: int = 500

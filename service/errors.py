@@ -42,6 +42,12 @@ class Overloaded(ServiceError):
         self.retry_after = retry_after
 
 
+class TooManyRequests(Overloaded):
+    """A per-model waiting queue (e.g. text generation) is full: 429 rather than 503."""
+
+    code = "too_many_requests"
+
+
 class Unavailable(ServiceError):
     """A dependency (Triton, the data dir) cannot serve right now."""
 

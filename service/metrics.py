@@ -28,7 +28,20 @@ RETRIEVE_STEPS = Histogram(
     buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000))
 BANK_PATTERNS = Gauge(
     "amserve_bank_patterns", "Patterns stored in a bank.", ["bank"])
-
+TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "amserve_time_to_first_token_seconds", "From request to its first generated token.", ["model"],
+    buckets=TOKEN_LATENCY_BUCKETS)
+INTER_TOKEN_LATENCY = Histogram(
+    "amserve_inter_token_latency_seconds", "Between consecutive generated tokens of one request.", ["model"],
+    buckets=TOKEN_LATENCY_BUCKETS)
+GENERATION_DURATION = Histogram(
+    "amserve_e2e_generation_seconds", "From request to its last generated token.", ["model", "finish_reason"],
+    buckets=LATENCY_BUCKETS)
+PROMPT_TOKENS = Counter("amserve_prompt_tokens_total", "Prompt tokens prefilled.", ["model"])
+GENERATED_TOKENS = Counter("amserve_generation_tokens_total", "Tokens generated.", ["model"])
+RUNNING_SEQUENCES = Gauge("amserve_running_sequences", "Sequences in the running decode batch.", ["model"])
+WAITING_SEQUENCES = Gauge("amserve_waiting_sequences", "Sequences waiting for a decode slot.", ["model"])
 
 MODEL_OF_ROUTE = {
     "/v1/complete": "energy_transformer", "CompleteImage": "energy_transformer",

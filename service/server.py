@@ -26,7 +26,10 @@ def build_backend(settings: Settings) -> Backend:
                                device=settings.torch_device(),
                                max_batch_size=settings.max_batch_size,
                                max_queue_delay_us=settings.max_queue_delay_us,
-                               max_queue_size=settings.max_queue_size)
+                               max_queue_size=settings.max_queue_size, model=settings.model,
+                               max_running_sequences=settings.max_running_sequences,
+                               max_waiting_sequences=settings.max_waiting_sequences,
+                               max_context=settings.max_context)
     if settings.backend == "triton":
         from service.backends.triton import TritonBackend
 

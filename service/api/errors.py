@@ -14,6 +14,7 @@ HTTP_STATUS: dict[type[errors.ServiceError], int] = {
     errors.Conflict: 409,
     errors.TooLarge: 413,
     errors.Overloaded: 503,
+    errors.TooManyRequests: 429,
     errors.Unavailable: 503,
 }
 
@@ -24,6 +25,7 @@ GRPC_CODE: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.Conflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Overloaded: grpc.StatusCode.UNAVAILABLE,
+    errors.TooManyRequests: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -7,13 +7,20 @@ fail in exactly the same way.
 from __future__ import annotations
 
 import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
 
 import numpy as np
 
 from service import metrics
 from service.api import schemas
 from service.backends.base import Backend
+from service.engines.lm.sampling import SamplingParams
 from service.engines.memory.registry import DynamicsOptions, check_bank_name
+from service.errors import NotFound, Unavailable
+
+OPENAI_FINISH = {"stop": "stop", "length": "length", "deadline": "length", "cancelled": "stop"}
 
 
 class Operations:
@@ -67,6 +74,76 @@ class Operations:
     async def models(self) -> schemas.ModelList:
         return schemas.ModelList(data=[schemas.ModelCard(**card) for card in await self.backend.models()])
 
+    # --- text generation -------------------------------------------------------------------
+
+    async def start_generation(self, request: schemas.GenerateRequest | schemas.CompletionsRequest
+                               ) -> AsyncIterator[dict]:
+        """Submit now (so a full queue or a too-long prompt fails before any byte is sent) and return
+        the metered event stream; closing it early cancels the sequence."""
+        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
+                                top_k=getattr(request, "top_k", 0), top_p=request.top_p, seed=request.seed,
+                                stop=request.stop_strings(), logprobs=request.logprobs or 0)
+        events = await self.backend.generate(request.prompt, params, getattr(request, "timeout", None))
+        return self._metered(events)
+
+    async def _metered(self, events: AsyncIterator[dict]) -> AsyncIterator[dict]:
+        started = last = time.perf_counter()
+        first = True
+        async with contextlib.aclosing(events):
+            async for event in events:
+                now = time.perf_counter()
+                if event["type"] == "token":
+                    (metrics.TIME_TO_FIRST_TOKEN if first else metrics.INTER_TOKEN_LATENCY).labels("llm").observe(
+                        now - last)
+                    first, last = False, now
+                else:
+                    if event["finish_reason"] == "error":
+                        raise Unavailable(f"generation failed: {event['error']}")
+                    metrics.GENERATION_DURATION.labels("llm", event["finish_reason"]).observe(now - started)
+                    metrics.PROMPT_TOKENS.labels("llm").inc(event["usage"]["prompt_tokens"])
+                    metrics.GENERATED_TOKENS.labels("llm").inc(event["usage"]["completion_tokens"])
+                yield event
+
+    async def generate(self, request: schemas.GenerateRequest) -> schemas.GenerateResponse:
+        return await collect(await self.start_generation(request))
+
+    @staticmethod
+    def generate_chunk(event: dict) -> dict:
+        """One SSE event of /v1/generate."""
+        if event["type"] == "token":
+            chunk = {"text": event["text"], "token_id": event["token_id"]}
+            if event["logprobs"] is not None:
+                chunk["logprobs"] = event["logprobs"]
+            return chunk
+        usage = event["usage"]
+        return {"text": event["text"], "finish_reason": event["finish_reason"],
+                "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
+
+    async def check_lm(self, name: str) -> None:
+        served = [m["id"] for m in await self.backend.models() if m["task"] == "text-generation"]
+        if name not in served:
+            raise NotFound(f"model '{name}' is not served; text models: {', '.join(served) or 'none'}", field="model")
+
+    async def completions(self, request: schemas.CompletionsRequest) -> dict:
+        """OpenAI text_completion object."""
+        response = await collect(await self.start_generation(request))
+        return completion_object(request.model, choice={
+            "text": response.text, "index": 0, "finish_reason": OPENAI_FINISH.get(response.finish_reason, "stop"),
+            "logprobs": openai_logprobs(response.logprobs)}, usage=response.usage.model_dump())
+
+    @staticmethod
+    def completion_chunk(model: str, completion_id: str, event: dict) -> dict:
+        """One streamed text_completion chunk."""
+        if event["type"] == "token":
+            logprobs = openai_logprobs([schemas.TokenLogprob(**event["logprobs"])]) if event["logprobs"] else None
+            choice = {"text": event["text"], "index": 0, "finish_reason": None, "logprobs": logprobs}
+            return completion_object(model, choice, completion_id=completion_id)
+        choice = {"text": event["text"], "index": 0, "logprobs": None,
+                  "finish_reason": OPENAI_FINISH.get(event["finish_reason"], "stop")}
+        usage = event["usage"]
+        return completion_object(model, choice, completion_id=completion_id,
+                                 usage={**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]})
+
     async def _run(self, bank: str, request: schemas.DynamicsRequest, clamp: np.ndarray | None
                    ) -> schemas.RetrieveResponse:
         check_bank_name(bank)
@@ -76,3 +153,41 @@ class Operations:
         for result in results:
             steps.observe(result.steps)
         return schemas.RetrieveResponse(results=[r.to_dict() for r in results])
+
+
+async def collect(events: AsyncIterator[dict]) -> schemas.GenerateResponse:
+    """A whole generation from its event stream."""
+    text, tokens, logprobs, finish = [], [], [], None
+    async for event in events:
+        text.append(event["text"])
+        if event["type"] == "token":
+            tokens.append(event["token_id"])
+            if event["logprobs"] is not None:
+                logprobs.append(event["logprobs"])
+        else:
+            finish = event
+    usage = finish["usage"]
+    return schemas.GenerateResponse(
+        text="".join(text), tokens=tokens, finish_reason=finish["finish_reason"],
+        usage={**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+        logprobs=logprobs or None)
+
+
+def completion_object(model: str, choice: dict, *, completion_id: str | None = None, usage: dict | None = None) -> dict:
+    body = {"id": completion_id or f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice]}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def openai_logprobs(logprobs: list[schemas.TokenLogprob] | None) -> dict | None:
+    """Our per-token alternatives in the OpenAI completions `logprobs` shape."""
+    if not logprobs:
+        return None
+    offsets, position = [], 0
+    for entry in logprobs:
+        offsets.append(position)
+        position += len(entry.token)
+    return {"tokens": [e.token for e in logprobs], "token_logprobs": [e.logprob for e in logprobs],
+            "top_logprobs": [{alt.token: alt.logprob for alt in e.top} for e in logprobs], "text_offset": offsets}

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -99,6 +104,33 @@ class Measured:
                 metrics.REQUESTS.labels(route, "rest", str(status)).inc()
 
 
+def server_sent_events(events: AsyncIterator[dict], to_chunk: Callable[[dict], dict]) -> StreamingResponse:
+    """`data: {json}` per event, then `data: [DONE]`. If the client leaves, Starlette cancels this
+    stream and closing `events` cancels the generation."""
+    async def lines() -> AsyncIterator[bytes]:
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield f"data: {json.dumps(to_chunk(event))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def unless_disconnected(request: Request, work: Awaitable, poll: float = 0.25):
+    """Await `work`, cancelling it (and so its generation) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                metrics.REJECTIONS.labels(reason="client_disconnected").inc()
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        task.cancel()
+
+
 def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024) -> FastAPI:
     ops = Operations(backend)
     app = FastAPI(title="amserve", version=__version__,
@@ -166,6 +198,25 @@ def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024) -> F
     @app.post("/v1/complete", response_model=schemas.CompleteImageResponse, responses=ERRORS, tags=["models"])
     async def complete_image(body: schemas.CompleteImageRequest):
         return await ops.complete_image(body)
+
+    @app.post("/v1/generate", response_model=schemas.GenerateResponse, responses=ERRORS, tags=["generate"],
+              description="Generate text; with stream=true, Server-Sent Events: one chunk per token, then the "
+                          "finish chunk (finish_reason, usage), then [DONE].")
+    async def generate(body: schemas.GenerateRequest, request: Request):
+        if body.stream:
+            events = await ops.start_generation(body)
+            return server_sent_events(events, ops.generate_chunk)
+        return await unless_disconnected(request, ops.generate(body))
+
+    @app.post("/v1/completions", responses=ERRORS, tags=["generate"],
+              description="OpenAI-compatible text completions (streaming too).")
+    async def completions(body: schemas.CompletionsRequest, request: Request):
+        await ops.check_lm(body.model)
+        if body.stream:
+            events = await ops.start_generation(body)
+            completion_id = f"cmpl-{uuid.uuid4().hex}"
+            return server_sent_events(events, lambda e: ops.completion_chunk(body.model, completion_id, e))
+        return await unless_disconnected(request, ops.completions(body))
 
     @app.get("/v1/models", response_model=schemas.ModelList, tags=["models"])
     async def models():

@@ -133,6 +133,68 @@ class CompleteImageResponse(BaseModel):
     energy_trace: list[float]
 
 
+class SamplingFields(Strict):
+    """Sampling knobs shared by /v1/generate and the OpenAI-compatible /v1/completions."""
+
+    prompt: str = Field(max_length=1_000_000)
+    max_tokens: int = Field(default=16, ge=1, le=8192)
+    temperature: float = Field(default=1.0, ge=0, le=100, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: str | list[str] | None = Field(default=None, description="strings that end the text (not returned)")
+    stream: bool = False
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class GenerateRequest(SamplingFields):
+    top_k: int = Field(default=0, ge=0, le=1_000_000, description="0 = off")
+    logprobs: int | None = Field(default=None, ge=0, le=20, description="top-n alternatives per token")
+    timeout: float | None = Field(default=None, gt=0, le=3600, description="seconds before finish_reason=deadline")
+
+
+class Alternative(BaseModel):
+    token: str
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(Alternative):
+    top: list[Alternative]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+
+
+class CompletionsRequest(SamplingFields):
+    """OpenAI `POST /v1/completions` (the fields this service honours; n > 1 and echo are refused)."""
+
+    model: str
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    n: int = Field(default=1, ge=1, le=1)
+    echo: bool = Field(default=False)
+    user: str | None = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise ValueError("echo is not supported")
+        return echo
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

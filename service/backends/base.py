@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import numpy as np
 
+from service.engines.lm.sampling import SamplingParams
 from service.engines.memory.registry import BankInfo, DynamicsOptions, MemoryResult
 
 
@@ -41,6 +43,13 @@ class Backend(Protocol):
     async def complete_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
                              ) -> tuple[np.ndarray, list[float]]:
         """Energy Transformer: one H×W image in [0,1] and its missing-pixel mask → (image, energy trace)."""
+        ...
+
+    async def generate(self, prompt: str, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
+        """Submit a generation (errors such as a full queue or a too-long prompt are raised here, before
+        any token) and return its event stream: {"type": "token", "token_id", "text", "logprobs"} per
+        token, then one {"type": "finish", "finish_reason", "text", "usage", "error"}. Closing the
+        stream early cancels the sequence."""
         ...
 
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,

