@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -145,6 +146,31 @@ class AmserveServicer(pb_grpc.AmserveServicer):
             return pb.ListModelsResponse(models=[
                 pb.ModelCard(id=m.id, task=m.task, ready=m.ready, details=_struct(m.details)) for m in listing.data])
         return await self._call("ListModels", context, handler)
+
+
+    async def Generate(self, request, context):
+        """Server-streaming: a validation or queue error aborts before the first chunk."""
+        fields = {"prompt": request.prompt, "stop": list(request.stop) or None}
+        for name in ("max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs", "timeout"):
+            if request.HasField(name):
+                fields[name] = getattr(request, name)
+        events = await self._call("Generate", context, lambda: self.ops.start_generation(
+            schemas.GenerateRequest.model_validate(fields)))
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield _generate_chunk(self.ops.generate_chunk(event))
+
+
+def _generate_chunk(chunk: dict) -> pb.GenerateChunk:
+    message = pb.GenerateChunk(text=chunk["text"], finish_reason=chunk.get("finish_reason", ""))
+    if "token_id" in chunk:
+        message.token_id = chunk["token_id"]
+    if "logprobs" in chunk:
+        message.logprobs.CopyFrom(pb.TokenLogprob(**{**chunk["logprobs"], "top": [
+            pb.Alternative(**alt) for alt in chunk["logprobs"]["top"]]}))
+    if "usage" in chunk:
+        message.usage.CopyFrom(pb.Usage(**chunk["usage"]))
+    return message
 
 
 def create_server(backend: Backend, *, max_message_bytes: int = 64 * 1024 * 1024) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service import metrics
 from service.batching import MicroBatcher
 from service.engines import energy_transformer
 from service.engines.lm import FinishEvent, GenerationRequest, SamplingParams, Scheduler, TokenEvent, Tokenizer
@@ -80,6 +81,8 @@ class EmbeddedBackend:
             path, self.lm_name = resolve_model(self._lm, self._model_repository)
             lm, self.tokenizer = await loop.run_in_executor(self._write_thread, load_model, path, self._device)
             self.scheduler = Scheduler(lm, self.tokenizer, **self._lm_limits)
+            metrics.RUNNING_SEQUENCES.labels("llm").set_function(lambda: self.scheduler.stats().running)
+            metrics.WAITING_SEQUENCES.labels("llm").set_function(lambda: self.scheduler.stats().waiting)
 
     async def close(self) -> None:
         if self.scheduler is not None:
