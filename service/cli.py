@@ -22,7 +22,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue_size=args.max_queue_size, max_body_bytes=args.max_body_bytes,
         max_vectors_per_request=args.max_vectors_per_request, model=args.model,
         max_running_sequences=args.max_running_sequences, max_waiting_sequences=args.max_waiting_sequences,
-        max_context=args.max_context)
+        max_context=args.max_context, api_keys_file=args.api_keys_file,
+        protect_metrics=args.protect_metrics or None)
     asyncio.run(serve(settings))
     return 0
 
@@ -47,7 +48,25 @@ def _add_serve(commands) -> None:
     p.add_argument("--max-running-sequences", type=int, help="LM decode slots (default 16)")
     p.add_argument("--max-waiting-sequences", type=int, help="LM requests waiting before 429 (default 64)")
     p.add_argument("--max-context", type=int, help="LM context per slot in tokens (default 2048)")
+    p.add_argument("--api-keys-file", type=Path, help="JSON file of API-key hashes per tenant (amserve keys create)")
+    p.add_argument("--protect-metrics", action="store_true", help="require an API key for /metrics")
     p.set_defaults(func=_serve)
+
+
+def _create_key(args: argparse.Namespace) -> int:
+    from service.api.auth import create_key
+
+    print(create_key(args.file, args.tenant))
+    return 0
+
+
+def _add_keys(commands) -> None:
+    p = commands.add_parser("keys", help="manage API keys")
+    sub = p.add_subparsers(dest="keys_command", required=True)
+    create = sub.add_parser("create", help="mint a key for a tenant; prints it once, stores only its hash")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--file", type=Path, required=True, help="the keys file (created if missing)")
+    create.set_defaults(func=_create_key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="WARNING")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(commands)
+    _add_keys(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)

@@ -25,6 +25,9 @@ class Settings:
     max_batch_size: int = 64
     max_queue_delay_us: int = 500
     max_queue_size: int = 1024
+    # Auth: API-key hashes per tenant (see service/api/auth.py); none configured = open service.
+    api_keys_file: Path | None = None
+    protect_metrics: bool = False           # require a key for /metrics too
     # Request limits.
     max_body_bytes: int = 64 * 1024 * 1024
     max_vectors_per_request: int = 10_000
@@ -41,8 +44,9 @@ class Settings:
         settings = cls(**values)
         for f in fields(cls):  # coerce env strings to the field's type
             value = getattr(settings, f.name)
-            if isinstance(value, str) and f.type in ("int", "Path"):
-                setattr(settings, f.name, int(value) if f.type == "int" else Path(value))
+            if isinstance(value, str) and f.type in ("int", "Path", "Path | None", "bool"):
+                coerce = {"int": int, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(f.type, Path)
+                setattr(settings, f.name, coerce(value))
         settings.data_dir = Path(settings.data_dir)
         settings.model_repository = Path(settings.model_repository)
         return settings

@@ -16,6 +16,10 @@ class InvalidArgument(ServiceError):
     code = "invalid_argument"
 
 
+class Unauthenticated(ServiceError):
+    code = "unauthenticated"
+
+
 class NotFound(ServiceError):
     code = "not_found"
 

@@ -10,6 +10,7 @@ import uvicorn
 from grpc_health.v1 import health_pb2
 
 from service.api import schemas
+from service.api.auth import load_keys
 from service.api.grpc_server import SERVICE_NAME, create_server
 from service.api.rest import create_app
 from service.backends.base import Backend
@@ -39,13 +40,18 @@ def build_backend(settings: Settings) -> Backend:
 
 async def serve(settings: Settings, backend: Backend | None = None) -> None:
     schemas.LIMITS["max_vectors"] = settings.max_vectors_per_request
+    api_keys = load_keys(settings.api_keys_file)
+    if api_keys.open:
+        log.warning("amserve: no API keys configured: the service is OPEN (no authentication, one bank namespace)")
     backend = backend or build_backend(settings)
     await backend.start()
-    app = create_app(backend, max_body_bytes=settings.max_body_bytes)
+    app = create_app(backend, max_body_bytes=settings.max_body_bytes, api_keys=api_keys,
+                     protect_metrics=settings.protect_metrics)
     rest = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.rest_port, log_level="warning",
                                          lifespan="off", timeout_graceful_shutdown=30))
     rest.install_signal_handlers = lambda: None  # this function owns SIGINT/SIGTERM for both transports
-    grpc_server, health_servicer = create_server(backend, max_message_bytes=settings.max_body_bytes)
+    grpc_server, health_servicer = create_server(backend, max_message_bytes=settings.max_body_bytes,
+                                                 api_keys=api_keys)
     grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     await grpc_server.start()
     health_task = asyncio.create_task(_follow_readiness(backend, health_servicer))

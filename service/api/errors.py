@@ -9,6 +9,7 @@ from service import errors
 
 HTTP_STATUS: dict[type[errors.ServiceError], int] = {
     errors.InvalidArgument: 422,
+    errors.Unauthenticated: 401,
     errors.NotFound: 404,
     errors.AlreadyExists: 409,
     errors.Conflict: 409,
@@ -20,6 +21,7 @@ HTTP_STATUS: dict[type[errors.ServiceError], int] = {
 
 GRPC_CODE: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.Conflict: grpc.StatusCode.FAILED_PRECONDITION,

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from service import errors, metrics
 from service.api import schemas
+from service.api.auth import ApiKeys
 from service.api.errors import grpc_code, validation_error
 from service.api.operations import Operations
 from service.api.pb import amserve_pb2 as pb
@@ -51,17 +52,21 @@ def _results(response: schemas.RetrieveResponse) -> pb.RetrieveResponse:
 
 
 class AmserveServicer(pb_grpc.AmserveServicer):
-    def __init__(self, ops: Operations):
+    def __init__(self, ops: Operations, api_keys: ApiKeys):
         self.ops = ops
+        self.api_keys = api_keys
 
-    async def _call(self, route: str, context: grpc.aio.ServicerContext, handler: Callable[[], Awaitable]):
-        """Validation and service errors → status codes; metrics as for REST."""
+    async def _call(self, route: str, context: grpc.aio.ServicerContext,
+                    handler: Callable[[str | None], Awaitable]):
+        """Authenticates, then runs handler(tenant): validation and service errors → status codes;
+        metrics as for REST."""
         started = time.perf_counter()
         metrics.IN_FLIGHT.labels("grpc").inc()
         status = grpc.StatusCode.OK
         try:
             try:
-                return await handler()
+                tenant = self.api_keys.tenant(dict(context.invocation_metadata()).get("authorization"))
+                return await handler(tenant)
             except ValidationError as exc:
                 raise validation_error(exc) from exc
         except errors.ServiceError as exc:
@@ -77,59 +82,59 @@ class AmserveServicer(pb_grpc.AmserveServicer):
             metrics.REQUESTS.labels(route, "grpc", status.name).inc()
 
     async def CreateBank(self, request, context):
-        async def handler():
+        async def handler(tenant):
             body = schemas.CreateBank.model_validate(
                 {"kind": request.kind, "dim": request.dim, "params": json_format.MessageToDict(request.params)})
-            return _bank_info(await self.ops.create_bank(request.bank, body))
+            return _bank_info(await self.ops.create_bank(tenant, request.bank, body))
         return await self._call("CreateBank", context, handler)
 
     async def ListBanks(self, request, context):
-        async def handler():
-            listing = await self.ops.list_banks()
+        async def handler(tenant):
+            listing = await self.ops.list_banks(tenant)
             return pb.ListBanksResponse(banks=[_bank_info(b) for b in listing.banks])
         return await self._call("ListBanks", context, handler)
 
     async def GetBank(self, request, context):
-        async def handler():
-            return _bank_info(await self.ops.get_bank(request.bank))
+        async def handler(tenant):
+            return _bank_info(await self.ops.get_bank(tenant, request.bank))
         return await self._call("GetBank", context, handler)
 
     async def DeleteBank(self, request, context):
-        async def handler():
-            await self.ops.delete_bank(request.bank)
+        async def handler(tenant):
+            await self.ops.delete_bank(tenant, request.bank)
             return pb.DeleteBankResponse()
         return await self._call("DeleteBank", context, handler)
 
     async def Store(self, request, context):
-        async def handler():
+        async def handler(tenant):
             body = schemas.StoreRequest.model_validate(
                 {"patterns": [list(v.values) for v in request.patterns], "ids": list(request.ids) or None})
-            stored = await self.ops.store(request.bank, body)
+            stored = await self.ops.store(tenant, request.bank, body)
             return pb.StoreResponse(ids=stored.ids, count=stored.count)
         return await self._call("Store", context, handler)
 
     async def DeletePattern(self, request, context):
-        async def handler():
-            await self.ops.delete_pattern(request.bank, request.id)
+        async def handler(tenant):
+            await self.ops.delete_pattern(tenant, request.bank, request.id)
             return pb.DeletePatternResponse()
         return await self._call("DeletePattern", context, handler)
 
     async def Retrieve(self, request, context):
-        async def handler():
+        async def handler(tenant):
             body = schemas.RetrieveRequest.model_validate(_dynamics(request))
-            return _results(await self.ops.retrieve(request.bank, body))
+            return _results(await self.ops.retrieve(tenant, request.bank, body))
         return await self._call("Retrieve", context, handler)
 
     async def Complete(self, request, context):
-        async def handler():
+        async def handler(tenant):
             body = schemas.CompleteRequest.model_validate(
                 {**_dynamics(request), "mask": [list(m.values) for m in request.mask]})
-            return _results(await self.ops.complete(request.bank, body))
+            return _results(await self.ops.complete(tenant, request.bank, body))
         return await self._call("Complete", context, handler)
 
 
     async def CompleteImage(self, request, context):
-        async def handler():
+        async def handler(_tenant):
             body = schemas.CompleteImageRequest.model_validate({
                 "model": request.model or "energy-transformer",
                 "image": [list(row.values) for row in request.image],
@@ -141,7 +146,7 @@ class AmserveServicer(pb_grpc.AmserveServicer):
         return await self._call("CompleteImage", context, handler)
 
     async def ListModels(self, request, context):
-        async def handler():
+        async def handler(_tenant):
             listing = await self.ops.models()
             return pb.ListModelsResponse(models=[
                 pb.ModelCard(id=m.id, task=m.task, ready=m.ready, details=_struct(m.details)) for m in listing.data])
@@ -154,7 +159,7 @@ class AmserveServicer(pb_grpc.AmserveServicer):
         for name in ("max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs", "timeout"):
             if request.HasField(name):
                 fields[name] = getattr(request, name)
-        events = await self._call("Generate", context, lambda: self.ops.start_generation(
+        events = await self._call("Generate", context, lambda _tenant: self.ops.start_generation(
             schemas.GenerateRequest.model_validate(fields)))
         async with contextlib.aclosing(events):
             async for event in events:
@@ -173,11 +178,12 @@ def _generate_chunk(chunk: dict) -> pb.GenerateChunk:
     return message
 
 
-def create_server(backend: Backend, *, max_message_bytes: int = 64 * 1024 * 1024) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def create_server(backend: Backend, *, max_message_bytes: int = 64 * 1024 * 1024, api_keys: ApiKeys = ApiKeys({})
+                  ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_AmserveServicer_to_server(AmserveServicer(Operations(backend)), server)
+    pb_grpc.add_AmserveServicer_to_server(AmserveServicer(Operations(backend), api_keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -27,44 +27,44 @@ class Operations:
     def __init__(self, backend: Backend):
         self.backend = backend
 
-    async def create_bank(self, bank: str, request: schemas.CreateBank) -> schemas.BankInfo:
-        check_bank_name(bank)
-        info = await self.backend.create_bank(bank, request.kind, request.dim, request.params)
-        return schemas.BankInfo.model_validate(info, from_attributes=True)
+    async def create_bank(self, tenant: str | None, bank: str, request: schemas.CreateBank) -> schemas.BankInfo:
+        info = await self.backend.create_bank(qualified(tenant, bank), request.kind, request.dim, request.params)
+        return visible(info)
 
-    async def list_banks(self) -> schemas.BankList:
-        banks = await self.backend.list_banks()
-        for info in banks:
+    async def list_banks(self, tenant: str | None) -> schemas.BankList:
+        prefix = "" if tenant is None else f"{tenant}/"
+        mine = [b for b in await self.backend.list_banks() if b.name.startswith(prefix) and "/" not in b.name[len(prefix):]]
+        for info in mine:
             metrics.BANK_PATTERNS.labels(info.name).set(info.count)
-        return schemas.BankList(banks=[schemas.BankInfo.model_validate(b, from_attributes=True) for b in banks])
+        return schemas.BankList(banks=[visible(b) for b in mine])
 
-    async def get_bank(self, bank: str) -> schemas.BankInfo:
-        check_bank_name(bank)
-        info = await self.backend.bank_info(bank)
-        metrics.BANK_PATTERNS.labels(bank).set(info.count)
-        return schemas.BankInfo.model_validate(info, from_attributes=True)
+    async def get_bank(self, tenant: str | None, bank: str) -> schemas.BankInfo:
+        info = await self.backend.bank_info(qualified(tenant, bank))
+        metrics.BANK_PATTERNS.labels(info.name).set(info.count)
+        return visible(info)
 
-    async def delete_bank(self, bank: str) -> None:
-        check_bank_name(bank)
-        await self.backend.delete_bank(bank)
+    async def delete_bank(self, tenant: str | None, bank: str) -> None:
+        name = qualified(tenant, bank)
+        await self.backend.delete_bank(name)
         with contextlib.suppress(KeyError):  # no gauge yet for a bank never listed or stored to
-            metrics.BANK_PATTERNS.remove(bank)
+            metrics.BANK_PATTERNS.remove(name)
 
-    async def store(self, bank: str, request: schemas.StoreRequest) -> schemas.StoreResponse:
-        check_bank_name(bank)
-        ids, count = await self.backend.store(bank, np.asarray(request.patterns, dtype=np.float32), request.ids)
-        metrics.BANK_PATTERNS.labels(bank).set(count)
+    async def store(self, tenant: str | None, bank: str, request: schemas.StoreRequest) -> schemas.StoreResponse:
+        name = qualified(tenant, bank)
+        ids, count = await self.backend.store(name, np.asarray(request.patterns, dtype=np.float32), request.ids)
+        metrics.BANK_PATTERNS.labels(name).set(count)
         return schemas.StoreResponse(ids=ids, count=count)
 
-    async def delete_pattern(self, bank: str, pattern_id: str) -> None:
-        check_bank_name(bank)
-        await self.backend.delete_pattern(bank, pattern_id)
+    async def delete_pattern(self, tenant: str | None, bank: str, pattern_id: str) -> None:
+        await self.backend.delete_pattern(qualified(tenant, bank), pattern_id)
 
-    async def retrieve(self, bank: str, request: schemas.RetrieveRequest) -> schemas.RetrieveResponse:
-        return await self._run(bank, request, None)
+    async def retrieve(self, tenant: str | None, bank: str, request: schemas.RetrieveRequest
+                       ) -> schemas.RetrieveResponse:
+        return await self._run(qualified(tenant, bank), request, None)
 
-    async def complete(self, bank: str, request: schemas.CompleteRequest) -> schemas.RetrieveResponse:
-        return await self._run(bank, request, np.asarray(request.mask, dtype=bool))
+    async def complete(self, tenant: str | None, bank: str, request: schemas.CompleteRequest
+                       ) -> schemas.RetrieveResponse:
+        return await self._run(qualified(tenant, bank), request, np.asarray(request.mask, dtype=bool))
 
     async def complete_image(self, request: schemas.CompleteImageRequest) -> schemas.CompleteImageResponse:
         image, trace = await self.backend.complete_image(
@@ -146,7 +146,6 @@ class Operations:
 
     async def _run(self, bank: str, request: schemas.DynamicsRequest, clamp: np.ndarray | None
                    ) -> schemas.RetrieveResponse:
-        check_bank_name(bank)
         options = DynamicsOptions(request.steps, request.step_size, request.tolerance, request.trace)
         results = await self.backend.run_memory(bank, np.asarray(request.queries, dtype=np.float32), clamp, options)
         steps = metrics.RETRIEVE_STEPS.labels(bank)
@@ -191,3 +190,14 @@ def openai_logprobs(logprobs: list[schemas.TokenLogprob] | None) -> dict | None:
         position += len(entry.token)
     return {"tokens": [e.token for e in logprobs], "token_logprobs": [e.logprob for e in logprobs],
             "top_logprobs": [{alt.token: alt.logprob for alt in e.top} for e in logprobs], "text_offset": offsets}
+
+
+def qualified(tenant: str | None, bank: str) -> str:
+    """The stored name of a tenant's bank: tenants never see, or reach, each other's banks."""
+    check_bank_name(bank)
+    return bank if tenant is None else f"{tenant}/{bank}"
+
+
+def visible(info) -> schemas.BankInfo:
+    return schemas.BankInfo(name=info.name.rpartition("/")[2], kind=info.kind, dim=info.dim, params=info.params,
+                            count=info.count, bytes=info.bytes)

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__, errors, metrics
 from service.api import schemas
+from service.api.auth import ApiKeys
 from service.api.errors import error_body, from_validation, http_status, retry_after
 from service.api.operations import Operations
 from service.backends.base import Backend
@@ -25,7 +26,7 @@ ERRORS = {status: {"model": schemas.ErrorResponse} for status in (404, 409, 413,
 
 
 def error_response(exc: errors.ServiceError) -> JSONResponse:
-    headers = {}
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, errors.Unauthenticated) else {}
     if (seconds := retry_after(exc)) is not None:
         headers["Retry-After"] = str(max(1, round(seconds)))
     return JSONResponse(error_body(exc), status_code=http_status(exc), headers=headers)
@@ -131,8 +132,15 @@ async def unless_disconnected(request: Request, work: Awaitable, poll: float = 0
         task.cancel()
 
 
-def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024) -> FastAPI:
+def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024, api_keys: ApiKeys = ApiKeys({}),
+               protect_metrics: bool = False) -> FastAPI:
     ops = Operations(backend)
+
+    async def tenant(authorization: str | None = Header(default=None)) -> str | None:
+        return api_keys.tenant(authorization)
+
+    Tenant = Depends(tenant)
+    metrics_guard = [Tenant] if protect_metrics else []
     app = FastAPI(title="amserve", version=__version__,
                   description="Associative memories, the Energy Transformer and decoder LMs.")
 
@@ -153,53 +161,53 @@ def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024) -> F
         is_ready = await backend.ready()
         return JSONResponse({"ready": is_ready, "backend": backend.name}, status_code=200 if is_ready else 503)
 
-    @app.get("/metrics", tags=["probes"])
+    @app.get("/metrics", tags=["probes"], dependencies=metrics_guard)
     async def prometheus() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.put("/v1/banks/{bank}", status_code=201, response_model=schemas.BankInfo, responses=ERRORS, tags=["banks"])
-    async def create_bank(bank: str, body: schemas.CreateBank):
-        return await ops.create_bank(bank, body)
+    async def create_bank(bank: str, body: schemas.CreateBank, caller: str | None = Tenant):
+        return await ops.create_bank(caller, bank, body)
 
     @app.get("/v1/banks", response_model=schemas.BankList, tags=["banks"])
-    async def list_banks():
-        return await ops.list_banks()
+    async def list_banks(caller: str | None = Tenant):
+        return await ops.list_banks(caller)
 
     @app.get("/v1/banks/{bank}", response_model=schemas.BankInfo, responses=ERRORS, tags=["banks"])
-    async def get_bank(bank: str):
-        return await ops.get_bank(bank)
+    async def get_bank(bank: str, caller: str | None = Tenant):
+        return await ops.get_bank(caller, bank)
 
     @app.delete("/v1/banks/{bank}", status_code=204, responses=ERRORS, tags=["banks"])
-    async def delete_bank(bank: str) -> Response:
-        await ops.delete_bank(bank)
+    async def delete_bank(bank: str, caller: str | None = Tenant) -> Response:
+        await ops.delete_bank(caller, bank)
         return Response(status_code=204)
 
     @app.post("/v1/banks/{bank}/store", response_model=schemas.StoreResponse, responses=ERRORS, tags=["memory"])
-    async def store(bank: str, body: schemas.StoreRequest):
-        return await ops.store(bank, body)
+    async def store(bank: str, body: schemas.StoreRequest, caller: str | None = Tenant):
+        return await ops.store(caller, bank, body)
 
     @app.delete("/v1/banks/{bank}/patterns/{pattern_id}", status_code=204, responses=ERRORS, tags=["memory"])
-    async def delete_pattern(bank: str, pattern_id: str) -> Response:
-        await ops.delete_pattern(bank, pattern_id)
+    async def delete_pattern(bank: str, pattern_id: str, caller: str | None = Tenant) -> Response:
+        await ops.delete_pattern(caller, bank, pattern_id)
         return Response(status_code=204)
 
     @app.post("/v1/banks/{bank}/retrieve", response_model=schemas.RetrieveResponse, responses=ERRORS,
               tags=["memory"])
-    async def retrieve(bank: str, body: schemas.RetrieveRequest):
-        return await ops.retrieve(bank, body)
+    async def retrieve(bank: str, body: schemas.RetrieveRequest, caller: str | None = Tenant):
+        return await ops.retrieve(caller, bank, body)
 
     @app.post("/v1/banks/{bank}/complete", response_model=schemas.RetrieveResponse, responses=ERRORS,
               tags=["memory"])
-    async def complete(bank: str, body: schemas.CompleteRequest):
-        return await ops.complete(bank, body)
+    async def complete(bank: str, body: schemas.CompleteRequest, caller: str | None = Tenant):
+        return await ops.complete(caller, bank, body)
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(Measured)
-    @app.post("/v1/complete", response_model=schemas.CompleteImageResponse, responses=ERRORS, tags=["models"])
+    @app.post("/v1/complete", dependencies=[Tenant], response_model=schemas.CompleteImageResponse, responses=ERRORS, tags=["models"])
     async def complete_image(body: schemas.CompleteImageRequest):
         return await ops.complete_image(body)
 
-    @app.post("/v1/generate", response_model=schemas.GenerateResponse, responses=ERRORS, tags=["generate"],
+    @app.post("/v1/generate", dependencies=[Tenant], response_model=schemas.GenerateResponse, responses=ERRORS, tags=["generate"],
               description="Generate text; with stream=true, Server-Sent Events: one chunk per token, then the "
                           "finish chunk (finish_reason, usage), then [DONE].")
     async def generate(body: schemas.GenerateRequest, request: Request):
@@ -208,7 +216,7 @@ def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024) -> F
             return server_sent_events(events, ops.generate_chunk)
         return await unless_disconnected(request, ops.generate(body))
 
-    @app.post("/v1/completions", responses=ERRORS, tags=["generate"],
+    @app.post("/v1/completions", dependencies=[Tenant], responses=ERRORS, tags=["generate"],
               description="OpenAI-compatible text completions (streaming too).")
     async def completions(body: schemas.CompletionsRequest, request: Request):
         await ops.check_lm(body.model)
@@ -218,7 +226,7 @@ def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024) -> F
             return server_sent_events(events, lambda e: ops.completion_chunk(body.model, completion_id, e))
         return await unless_disconnected(request, ops.completions(body))
 
-    @app.get("/v1/models", response_model=schemas.ModelList, tags=["models"])
+    @app.get("/v1/models", dependencies=[Tenant], response_model=schemas.ModelList, tags=["models"])
     async def models():
         return await ops.models()
 

@@ -21,6 +21,8 @@ from service.engines.memory.persistence import BankRecord, SQLiteStore
 from service.errors import Conflict, InvalidArgument, NotFound
 
 BANK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+# Stored names: "bank", or "tenant/bank" when API keys namespace banks per tenant.
+STORED_BANK_NAME = re.compile(rf"(?:{BANK_NAME.pattern}/)?{BANK_NAME.pattern}")
 PATTERN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
@@ -110,7 +112,8 @@ class BankRegistry:
         return bank
 
     def create(self, name: str, kind: str, dim: int, params: dict) -> BankInfo:
-        check_bank_name(name)
+        if not STORED_BANK_NAME.fullmatch(name):
+            raise InvalidArgument(f"bank name '{name}' must match {BANK_NAME.pattern}", field="bank")
         params = normalize_params(kind, dim, params or {})
         record = BankRecord(name, kind, dim, params)
         with self._lock:
