@@ -1,0 +1,437 @@
+"""What every memory kind shares: pattern storage, the retrieval driver and parameter checks.
+
+A kind supplies its energy and its dynamics (`_descend`); this module turns queries into
+starting states, applies the clamp mask, runs the dynamics and explains the answer with the
+nearest stored pattern. Two families of dynamics are written once here:
+
+- `BinaryMemory`: ±1 states, asynchronous sweeps over the units (classical, dense);
+- `GradientMemory`: v ← v − α ∇E by autograd, with per-query backtracking so that the
+  energy never increases (rbf, drdam).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from service.errors import Conflict, InvalidArgument
+
+MAX_DIM = 65_536
+# Halving the step 30 times shrinks it by ~1e-9: past that the energy is flat to float32.
+MAX_HALVINGS = 30
+
+
+@dataclass
+class Retrieval:
+    """One batched call's results, all tensors on CPU."""
+
+    states: Tensor  # B×D float32 final states
+    energy: Tensor  # B float32 final energy
+    steps: Tensor  # B int64 updates applied
+    converged: Tensor  # B bool
+    nearest: Tensor  # B int64 row of the most similar stored pattern (-1 if unknown)
+    similarity: Tensor  # B float32 cosine similarity to it (nan if unknown)
+    trace: list[list[float]] | None  # per query: energy at the start and after every step
+
+
+@dataclass
+class Descent:
+    """Outcome of a kind's dynamics, still on the engine's device."""
+
+    states: Tensor
+    energy: Tensor
+    steps: Tensor
+    converged: Tensor
+    trace: list[Tensor]  # B energies at the start and after each round of updates
+    overlaps: Tensor | None = None  # Ξv at the final states when the dynamics already hold it
+
+
+class MemoryEngine:
+    """Stored patterns of one bank and the dynamics that retrieve them.
+
+    Patterns live in a preallocated K×D tensor grown by doubling; removal swaps the last
+    row into the freed one, so row indices stay dense (the caller mirrors the swap).
+    """
+
+    kind: str
+    binary: bool = False
+    default_steps: int = 100
+    default_step_size: float = 1.0
+    default_tolerance: float = 1e-4
+
+    def __init__(self, dim: int, params: dict, device: str | torch.device = "cpu"):
+        self.dim = dim
+        self.params = dict(params)
+        self.device = torch.device(device)
+        self.keeps_patterns = True
+        self._count = 0
+        self._storage = torch.empty(0, dim, device=self.device)
+        self._norms = torch.empty(0, device=self.device)
+
+    # ----- parameters -------------------------------------------------------------------
+
+    @classmethod
+    def normalize_params(cls, dim: int, params: dict) -> dict:
+        """Defaults filled in, types and ranges checked; raises InvalidArgument."""
+        raise NotImplementedError
+
+    # ----- storage ----------------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def patterns(self) -> Tensor:
+        """The stored patterns, K×D, a view of the storage."""
+        return self._storage[: self._count]
+
+    @property
+    def pattern_norms(self) -> Tensor:
+        return self._norms[: self._count]
+
+    def nbytes(self) -> int:
+        """Bytes of serving state: every tensor the engine holds."""
+        return sum(tensor.nbytes for tensor in self._state_tensors())
+
+    def _state_tensors(self) -> list[Tensor]:
+        return [self._storage, self._norms] if self.keeps_patterns else []
+
+    def add(self, patterns: Tensor) -> None:
+        """Append K×D patterns as rows count..count+K-1."""
+        self.check_values(patterns, "patterns")
+        patterns = patterns.to(self.device, torch.float32)
+        if self.keeps_patterns:
+            self._reserve(self._count + patterns.shape[0])
+            rows = slice(self._count, self._count + patterns.shape[0])
+            self._storage[rows] = patterns
+            self._norms[rows] = torch.linalg.vector_norm(patterns, dim=-1)
+        self._count += patterns.shape[0]
+        self._stored(patterns)
+
+    def remove(self, row: int, pattern: Tensor) -> None:
+        """Forget row `row`: the last row moves into its place.
+
+        `pattern` is the stored vector; kinds that keep their patterns use their own copy.
+        """
+        if not 0 <= row < self._count:
+            raise IndexError(f"row {row} out of range for {self._count} stored patterns")
+        last = self._count - 1
+        if self.keeps_patterns:
+            removed = self._storage[row].clone()
+            self._storage[row] = self._storage[last]
+            self._norms[row] = self._norms[last]
+        else:
+            removed = pattern.reshape(self.dim).to(self.device, torch.float32)
+        self._count = last
+        self._forgotten(removed)
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self._storage.shape[0]
+        if needed <= capacity:
+            return
+        capacity = max(needed, 2 * capacity, 16)
+        with torch.inference_mode(False):  # autograd must be able to use the storage later
+            storage = torch.empty(capacity, self.dim, device=self.device)
+            norms = torch.empty(capacity, device=self.device)
+        storage[: self._count] = self.patterns
+        norms[: self._count] = self.pattern_norms
+        self._storage, self._norms = storage, norms
+
+    def _stored(self, patterns: Tensor) -> None:
+        """Update state derived from the patterns after `patterns` were appended."""
+
+    def _forgotten(self, pattern: Tensor) -> None:
+        """Update state derived from the patterns after `pattern` was removed."""
+
+    # ----- validation -------------------------------------------------------------------
+
+    def check_values(self, x: Tensor, field: str) -> None:
+        """Raise InvalidArgument(field=field) unless x is a B×D batch this kind accepts."""
+        self._check_batch(x, field)
+        if self.binary and not ((x == 1) | (x == -1)).all():
+            raise InvalidArgument(f"kind '{self.kind}' holds ±1 vectors: every value must be -1 or 1", field=field)
+
+    def _require_patterns(self) -> None:
+        if self._count == 0:
+            raise Conflict("bank has no stored patterns")
+
+    # ----- energy and retrieval ---------------------------------------------------------
+
+    def energy(self, states: Tensor) -> Tensor:
+        """Energy of each of B states (CPU float32)."""
+        self._require_patterns()
+        self.check_values(states, "states")
+        return self._energy(states.to(self.device, torch.float32)).float().cpu()
+
+    def _energy(self, states: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def run(
+        self,
+        queries: Tensor,
+        *,
+        clamp: Tensor | None = None,
+        steps: int | None = None,
+        step_size: float | None = None,
+        tolerance: float | None = None,
+        trace: bool = False,
+    ) -> Retrieval:
+        """Run the dynamics from B×D queries; `clamp` (B×D bool, True = known) pins entries."""
+        self._require_patterns()
+        self._check_batch(queries, "queries")
+        states = queries.to(self.device, torch.float32).clone()
+        if self.binary:
+            states = torch.where(states >= 0, 1.0, -1.0)
+        free = self._free_mask(clamp, states.shape)
+        descent = self._descend(
+            states,
+            free,
+            self._checked_steps(steps),
+            self._checked_step_size(step_size),
+            self._checked_tolerance(tolerance),
+        )
+        nearest, similarity = self._nearest(descent.states, descent.overlaps)
+        return Retrieval(
+            states=descent.states.float().cpu(),
+            energy=descent.energy.float().cpu(),
+            steps=descent.steps.to(torch.int64).cpu(),
+            converged=descent.converged.cpu(),
+            nearest=nearest.cpu(),
+            similarity=similarity.float().cpu(),
+            trace=_per_query(descent.trace, descent.steps) if trace else None,
+        )
+
+    def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float) -> Descent:
+        """Run at most `steps` updates; only entries where `free` is True may change."""
+        raise NotImplementedError
+
+    def _nearest(self, states: Tensor, overlaps: Tensor | None) -> tuple[Tensor, Tensor]:
+        batch = states.shape[0]
+        if not self.keeps_patterns:
+            return (
+                torch.full((batch,), -1, dtype=torch.int64),
+                torch.full((batch,), math.nan),
+            )
+        if overlaps is None:
+            overlaps = states @ self.patterns.T
+        norms = self.pattern_norms.to(overlaps.dtype).clamp_min(torch.finfo(overlaps.dtype).tiny)
+        best, index = (overlaps / norms).max(dim=-1)
+        state_norms = torch.linalg.vector_norm(states, dim=-1).to(best.dtype)
+        # Rounding can push a cosine just past ±1.
+        return index, (best / state_norms.clamp_min(torch.finfo(best.dtype).tiny)).clamp(-1.0, 1.0)
+
+    # ----- request checks ---------------------------------------------------------------
+
+    def _check_batch(self, x: Tensor, field: str) -> None:
+        if x.ndim != 2 or x.shape[1] != self.dim or x.shape[0] == 0:
+            raise InvalidArgument(
+                f"expected a non-empty list of vectors of length {self.dim}, got shape {list(x.shape)}",
+                field=field,
+            )
+        if not torch.isfinite(x).all():
+            raise InvalidArgument("values must be finite numbers", field=field)
+
+    def _free_mask(self, clamp: Tensor | None, shape: torch.Size) -> Tensor:
+        if clamp is None:
+            return torch.ones(shape, dtype=torch.bool, device=self.device)
+        if tuple(clamp.shape) != tuple(shape):
+            raise InvalidArgument(f"mask must have the shape of the queries {list(shape)}", field="mask")
+        return ~clamp.to(self.device, torch.bool)
+
+    def _checked_steps(self, steps: int | None) -> int:
+        if steps is None:
+            return self.default_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise InvalidArgument("steps must be an integer >= 0", field="steps")
+        return steps
+
+    def _checked_step_size(self, step_size: float | None) -> float:
+        if step_size is None:
+            return self.default_step_size
+        if not math.isfinite(step_size) or step_size <= 0:
+            raise InvalidArgument("step_size must be a finite number > 0", field="step_size")
+        return float(step_size)
+
+    def _checked_tolerance(self, tolerance: float | None) -> float:
+        if tolerance is None:
+            return self.default_tolerance
+        if not math.isfinite(tolerance) or tolerance < 0:
+            raise InvalidArgument("tolerance must be a finite number >= 0", field="tolerance")
+        return float(tolerance)
+
+
+def _per_query(trace: list[Tensor], steps: Tensor) -> list[list[float]]:
+    """Queries step in lockstep until they stop, so query i's trace is the first steps_i+1 rows."""
+    table = torch.stack(trace).float().cpu().T
+    return [row[: int(count) + 1].tolist() for row, count in zip(table, steps.cpu())]
+
+
+class BinaryMemory(MemoryEngine):
+    """±1 states updated asynchronously: a step is one sweep over the D units in order.
+
+    A query converges when a sweep flips nothing (step_size and tolerance do not apply); at
+    the step limit it counts as converged if one more sweep would flip nothing.
+
+    A kind keeps a running cache per query (local fields, overlaps) so that a single flip
+    costs an update of the cache rather than a recomputation of the energy.
+    """
+
+    binary = True
+    default_steps = 100
+
+    def _prepare(self, states: Tensor) -> Tensor:
+        """The running cache for `states`."""
+        raise NotImplementedError
+
+    def _sweep(self, states: Tensor, cache: Tensor, free: Tensor) -> Tensor:
+        """One asynchronous sweep in place; returns which queries flipped a unit."""
+        raise NotImplementedError
+
+    def _stable(self, states: Tensor, cache: Tensor, free: Tensor) -> Tensor:
+        """Which queries no single free unit flip would improve (a sweep would change nothing)."""
+        raise NotImplementedError
+
+    def _energy_from(self, states: Tensor, cache: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _overlaps_from(self, states: Tensor, cache: Tensor) -> Tensor | None:
+        return None
+
+    def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float) -> Descent:
+        batch = states.shape[0]
+        cache = self._prepare(states)
+        trace = [self._energy_from(states, cache)]
+        active = torch.ones(batch, dtype=torch.bool, device=self.device)
+        converged = torch.zeros_like(active)
+        taken = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        for _ in range(steps):
+            flipped = self._sweep(states, cache, free & active[:, None])
+            converged |= active & ~flipped
+            active &= flipped
+            taken += active
+            trace.append(self._energy_from(states, cache))
+            if not active.any():
+                break
+        converged |= active & self._stable(states, cache, free)
+        return Descent(states, trace[-1], taken, converged, trace, self._overlaps_from(states, cache))
+
+
+class GradientMemory(MemoryEngine):
+    """Continuous states descending v ← v − α ∇E, the gradient taken by autograd.
+
+    Per query, a step that would raise the energy is halved and retried (at most
+    MAX_HALVINGS times), so every trace is non-increasing. A query converges when its next
+    step would move no entry by more than `tolerance`, or when no step lowers its float32
+    energy any more (it sits at a minimum to working precision).
+    """
+
+    def _energy_and_gradient(self, states: Tensor) -> tuple[Tensor, Tensor]:
+        return energy_and_gradient(self._energy, states)
+
+    def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float) -> Descent:
+        batch = states.shape[0]
+        energy, gradient = self._energy_and_gradient(states)
+        gradient = gradient * free
+        trace = [energy]
+        active = torch.ones(batch, dtype=torch.bool, device=self.device)
+        converged = torch.zeros_like(active)
+        taken = torch.zeros(batch, dtype=torch.int64, device=self.device)
+
+        def settled(gradient: Tensor) -> Tensor:
+            return (step_size * gradient).abs().amax(dim=-1) <= tolerance
+
+        # Each query's step starts at twice its last accepted one, capped at α: after a halving
+        # the next steps rarely need to search again.
+        scale = torch.full((batch,), step_size, device=self.device)
+        for _ in range(steps):
+            done = active & settled(gradient)
+            converged |= done
+            active &= ~done
+            if not active.any():
+                break
+            scale = torch.where(active, (2 * scale).clamp_max(step_size), 0.0)
+            previous = energy
+            pending = active.clone()
+            for _ in range(MAX_HALVINGS):
+                trial = states - scale[:, None] * gradient
+                trial_energy, trial_gradient = self._energy_and_gradient(trial)
+                accept = pending & (trial_energy <= energy)
+                states = torch.where(accept[:, None], trial, states)
+                energy = torch.where(accept, trial_energy, energy)
+                gradient = torch.where(accept[:, None], trial_gradient * free, gradient)
+                pending &= ~accept
+                if not pending.any():
+                    break
+                scale = torch.where(pending, scale / 2, scale)
+            moved = active & ~pending
+            taken += moved
+            trace.append(energy)
+            # No lower energy along the gradient, or a step that left it unchanged in float32:
+            # the state is stationary at working precision.
+            stationary = pending | (moved & (energy == previous))
+            converged |= stationary
+            active &= ~stationary
+        converged |= active & settled(gradient)
+        return Descent(states, energy, taken, converged, trace)
+
+
+def energy_and_gradient(energy: Callable[[Tensor], Tensor], states: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-state energies and their gradients: states are independent, so ∇ of the sum suffices.
+
+    Works under torch.no_grad() and torch.inference_mode() alike.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        states = states.clone().requires_grad_()
+        energies = energy(states)
+        (gradient,) = torch.autograd.grad(energies.sum(), states)
+    return energies.detach(), gradient
+
+
+# ----- parameter readers: each names the offending field as params.<name> ----------------
+
+
+def reject_unknown(kind: str, params: dict, known: Iterable[str]) -> None:
+    known = set(known)
+    for name in params:
+        if name not in known:
+            expected = ", ".join(sorted(known)) or "none"
+            raise InvalidArgument(
+                f"unknown parameter {name!r} for kind '{kind}' (accepted: {expected})", field=f"params.{name}"
+            )
+
+
+def read_positive_float(params: dict, name: str, default: float) -> float:
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidArgument(f"{name} must be a finite number > 0, got {value!r}", field=f"params.{name}")
+    return float(value)
+
+
+def read_int(params: dict, name: str, default: int, low: int, high: int) -> int:
+    value = params.get(name, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidArgument(f"{name} must be an integer in [{low}, {high}], got {value!r}", field=f"params.{name}")
+    return value
+
+
+def read_choice(params: dict, name: str, default: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    value = params.get(name, default)
+    if value not in choices:
+        raise InvalidArgument(f"{name} must be one of {', '.join(choices)}, got {value!r}", field=f"params.{name}")
+    return value
+
+
+def read_bool(params: dict, name: str, default: bool) -> bool:
+    value: Any = params.get(name, default)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{name} must be true or false, got {value!r}", field=f"params.{name}")
+    return value

@@ -1,0 +1,99 @@
+"""Modern Hopfield network (Ramsauer et al. 2020, "Hopfield Networks is All You Need").
+
+    E(v) = −lse(β, Ξv) + ½ vᵀv + β⁻¹ log K + ½ M²,   lse(β, z) = β⁻¹ log Σ_μ exp(β z_μ)
+
+with Ξ the K×D stored patterns and M the largest pattern norm (the constants make E ≥ 0).
+Its gradient is ∇E = v − Ξᵀ softmax(β Ξ v), so the update
+
+    v ← v − α ∇E,   α = 1:  v ← Ξᵀ softmax(β Ξ v)
+
+is the concave-convex fixed-point iteration; it retrieves a well separated pattern in one
+step. E is ½‖v‖² minus a convex function, hence E(v − α∇E) ≤ E(v) − α(1 − α/2)‖∇E‖²: the
+energy never increases for 0 < α < 2.
+
+A step is two GEMMs (scores Ξv, then Ξᵀ·weights); the scores of the final states also give
+the energy and the nearest-pattern similarity, so nothing K×D is allocated per call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from service.errors import InvalidArgument
+
+from .base import Descent, MemoryEngine, read_positive_float, reject_unknown
+
+
+def modern_energy_from_lse(states: Tensor, lse: Tensor, beta: float, count: int, max_norm: float) -> Tensor:
+    """E given lse(β, Ξv) (B) for `count` patterns of largest norm `max_norm`."""
+    return -lse + 0.5 * states.square().sum(dim=-1) + math.log(count) / beta + 0.5 * max_norm**2
+
+
+def modern_energy(states: Tensor, patterns: Tensor, beta: float) -> Tensor:
+    """E(v) for each row of `states` against K×D `patterns`."""
+    lse = torch.logsumexp(beta * (states @ patterns.T), dim=-1) / beta
+    max_norm = torch.linalg.vector_norm(patterns, dim=-1).max().item()
+    return modern_energy_from_lse(states, lse, beta, patterns.shape[0], max_norm)
+
+
+class ModernMemory(MemoryEngine):
+    kind = "modern"
+    default_steps = 20
+
+    def __init__(self, dim: int, params: dict, device: str | torch.device = "cpu"):
+        super().__init__(dim, params, device)
+        self.beta: float = params["beta"]
+
+    @classmethod
+    def normalize_params(cls, dim: int, params: dict) -> dict:
+        reject_unknown(cls.kind, params, ("beta",))
+        return {"beta": read_positive_float(params, "beta", 1.0)}
+
+    def _checked_step_size(self, step_size: float | None) -> float:
+        step_size = super()._checked_step_size(step_size)
+        if step_size >= 2:
+            raise InvalidArgument("step_size must be below 2: larger steps can raise the energy", field="step_size")
+        return step_size
+
+    def _energy(self, states: Tensor) -> Tensor:
+        return modern_energy(states, self.patterns, self.beta)
+
+    def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float) -> Descent:
+        patterns, beta = self.patterns, self.beta
+        max_norm = self.pattern_norms.max().item()
+
+        def evaluate(states: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+            """Energy and masked gradient v − Ξᵀ softmax(β s) from the scores s = Ξv."""
+            logits = beta * scores
+            log_total = logits.logsumexp(dim=-1, keepdim=True)
+            energy = modern_energy_from_lse(states, log_total[:, 0] / beta, beta, self.count, max_norm)
+            weights = logits.sub_(log_total).exp_()
+            return energy, (states - weights @ patterns) * free
+
+        batch = states.shape[0]
+        scores = states @ patterns.T
+        energy, gradient = evaluate(states, scores)
+        trace = [energy]
+        active = torch.ones(batch, dtype=torch.bool, device=self.device)
+        converged = torch.zeros_like(active)
+        taken = torch.zeros(batch, dtype=torch.int64, device=self.device)
+
+        def settled(gradient: Tensor) -> Tensor:
+            return (step_size * gradient).abs().amax(dim=-1) <= tolerance
+
+        for _ in range(steps):
+            done = active & settled(gradient)
+            converged |= done
+            active &= ~done
+            if not active.any():
+                break
+            states = states - (step_size * active)[:, None] * gradient
+            scores = states @ patterns.T
+            energy, gradient = evaluate(states, scores)
+            taken += active
+            trace.append(energy)
+        converged |= active & settled(gradient)
+        return Descent(states, energy, taken, converged, trace, overlaps=scores)

@@ -1,0 +1,41 @@
+"""Log-sum-exp memory with a Gaussian (RBF) kernel, the exact energy DrDAM approximates.
+
+    E(v) = −(1/β) log Σ_μ exp(−β/2 ‖v − ξ_μ‖²)
+
+Dynamics v ← v − α ∇E with ∇E from autograd. Since ∇E = v − Σ_μ p_μ ξ_μ with
+p = softmax(−β/2 ‖v − ξ_μ‖²), the default α = 1 is the concave-convex fixed-point step
+v ← Σ_μ p_μ ξ_μ.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import GradientMemory, read_positive_float, reject_unknown
+
+
+def rbf_energy(states: Tensor, patterns: Tensor, beta: float, pattern_sq_norms: Tensor | None = None) -> Tensor:
+    """E(v) for each row of `states`; ‖v − ξ‖² is expanded so that no B×K×D tensor is formed."""
+    if pattern_sq_norms is None:
+        pattern_sq_norms = torch.linalg.vector_norm(patterns, dim=-1).square()
+    # Rounding can leave ‖v − ξ‖² slightly negative next to a pattern; clamping it at 0 would
+    # also zero that pattern's pull in the gradient, so it is left as is (exp stays ≈ 1).
+    sq_distances = states.square().sum(dim=-1, keepdim=True) - 2 * states @ patterns.T + pattern_sq_norms
+    return -torch.logsumexp(-0.5 * beta * sq_distances, dim=-1) / beta
+
+
+class RbfMemory(GradientMemory):
+    kind = "rbf"
+
+    def __init__(self, dim: int, params: dict, device: str | torch.device = "cpu"):
+        super().__init__(dim, params, device)
+        self.beta: float = params["beta"]
+
+    @classmethod
+    def normalize_params(cls, dim: int, params: dict) -> dict:
+        reject_unknown(cls.kind, params, ("beta",))
+        return {"beta": read_positive_float(params, "beta", 1.0)}
+
+    def _energy(self, states: Tensor) -> Tensor:
+        return rbf_energy(states, self.patterns, self.beta, self.pattern_norms.square())
