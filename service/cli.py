@@ -1,4 +1,4 @@
-"""`amserve` command line: serve, triton, export, train."""
+"""amserve: associative memories, the Energy Transformer and decoder LMs over REST and gRPC."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from service import __version__
 from service.config import Settings
+from service.errors import ServiceError
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -69,16 +70,41 @@ def _add_keys(commands) -> None:
     create.set_defaults(func=_create_key)
 
 
+def _delegate(module: str, path: list[str], commands, help: str, argv: list[str]):
+    """A subcommand whose flags and body live in `module`; it is imported only when `argv` names this
+    command, so `amserve --help` and `amserve serve` do not pay for importing it."""
+    p = commands.add_parser(path[-1], help=help)
+    words = [a for a in argv if not a.startswith("-")]
+    if words[:len(path)] == path:
+        import importlib
+
+        target = importlib.import_module(module)
+        target.add_arguments(p)
+        p.set_defaults(func=target.run)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="amserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"amserve {__version__}")
     parser.add_argument("--log-level", default="WARNING")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(commands)
     _add_keys(commands)
+    _delegate("service.triton.export", ["export"], commands, argv=argv,
+              help="write the Triton model repository (and convert the default LM to safetensors)")
+    _delegate("service.triton.launcher", ["triton"], commands, argv=argv, help="run the bundled Triton server alone")
+    train = commands.add_parser("train", help="train a model shipped with the service")
+    models = train.add_subparsers(dest="model", required=True, metavar="MODEL")
+    _delegate("service.training.energy_transformer", ["train", "energy-transformer"], models, argv=argv,
+              help="Energy Transformer on the scikit-learn digits (masked-patch completion)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ServiceError as exc:
+        parser.exit(2, f"amserve: error: {exc.message}\n")
 
 
 if __name__ == "__main__":
