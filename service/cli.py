@@ -24,7 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_vectors_per_request=args.max_vectors_per_request, model=args.model,
         max_running_sequences=args.max_running_sequences, max_waiting_sequences=args.max_waiting_sequences,
         max_context=args.max_context, api_keys_file=args.api_keys_file,
-        protect_metrics=args.protect_metrics or None)
+        protect_metrics=args.protect_metrics or None, max_dim=args.max_dim, max_new_tokens=args.max_new_tokens,
+        max_streams_per_tenant=args.max_streams_per_tenant)
     asyncio.run(serve(settings))
     return 0
 
@@ -44,6 +45,9 @@ def _add_serve(commands) -> None:
     p.add_argument("--max-queue-size", type=int, help="waiting requests before 503 (default 1024)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 64 MiB)")
     p.add_argument("--max-vectors-per-request", type=int, help="vectors per store/retrieve (default 10000)")
+    p.add_argument("--max-dim", type=int, help="largest bank dimension (default 65536)")
+    p.add_argument("--max-new-tokens", type=int, help="largest max_tokens of a generation (default 2048)")
+    p.add_argument("--max-streams-per-tenant", type=int, help="generations in progress per caller (default 8)")
     p.add_argument("--model", help='LM to serve: "default" (SmolLM2-135M-Instruct), a GPT-2/Llama checkpoint '
                                    'directory or .gguf file, or "none"')
     p.add_argument("--max-running-sequences", type=int, help="LM decode slots (default 16)")

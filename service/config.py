@@ -31,6 +31,9 @@ class Settings:
     # Request limits.
     max_body_bytes: int = 64 * 1024 * 1024
     max_vectors_per_request: int = 10_000
+    max_dim: int = 65_536
+    max_new_tokens: int = 2048
+    max_streams_per_tenant: int = 8
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

@@ -16,7 +16,7 @@ from service import errors, metrics
 from service.api import schemas
 from service.api.auth import ApiKeys
 from service.api.errors import grpc_code, validation_error
-from service.api.operations import Operations
+from service.api.operations import Limits, Operations
 from service.api.pb import amserve_pb2 as pb
 from service.api.pb import amserve_pb2_grpc as pb_grpc
 from service.backends.base import Backend
@@ -159,8 +159,8 @@ class AmserveServicer(pb_grpc.AmserveServicer):
         for name in ("max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs", "timeout"):
             if request.HasField(name):
                 fields[name] = getattr(request, name)
-        events = await self._call("Generate", context, lambda _tenant: self.ops.start_generation(
-            schemas.GenerateRequest.model_validate(fields)))
+        events = await self._call("Generate", context, lambda tenant: self.ops.start_generation(
+            tenant, schemas.GenerateRequest.model_validate(fields)))
         async with contextlib.aclosing(events):
             async for event in events:
                 yield _generate_chunk(self.ops.generate_chunk(event))
@@ -178,12 +178,12 @@ def _generate_chunk(chunk: dict) -> pb.GenerateChunk:
     return message
 
 
-def create_server(backend: Backend, *, max_message_bytes: int = 64 * 1024 * 1024, api_keys: ApiKeys = ApiKeys({})
-                  ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def create_server(backend: Backend, *, max_message_bytes: int = 64 * 1024 * 1024, api_keys: ApiKeys = ApiKeys({}),
+                  limits: Limits = Limits()) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_AmserveServicer_to_server(AmserveServicer(Operations(backend), api_keys), server)
+    pb_grpc.add_AmserveServicer_to_server(AmserveServicer(Operations(backend, limits), api_keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -7,9 +7,12 @@ fail in exactly the same way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,16 +21,29 @@ from service.api import schemas
 from service.backends.base import Backend
 from service.engines.lm.sampling import SamplingParams
 from service.engines.memory.registry import DynamicsOptions, check_bank_name
-from service.errors import NotFound, Unavailable
+from service.errors import InvalidArgument, NotFound, TooManyRequests, Unavailable
 
 OPENAI_FINISH = {"stop": "stop", "length": "length", "deadline": "length", "cancelled": "stop"}
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits beyond the schema's hard bounds (each a setting; see service/config.py)."""
+
+    max_dim: int = 65_536
+    max_new_tokens: int = 2048
+    max_streams_per_tenant: int = 8
+
+
 class Operations:
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, limits: Limits = Limits()):
         self.backend = backend
+        self.limits = limits
+        self._streams: Counter[str | None] = Counter()  # generations in progress per tenant
 
     async def create_bank(self, tenant: str | None, bank: str, request: schemas.CreateBank) -> schemas.BankInfo:
+        if request.dim > self.limits.max_dim:
+            raise InvalidArgument(f"dim {request.dim} exceeds this service's limit of {self.limits.max_dim}", field="dim")
         info = await self.backend.create_bank(qualified(tenant, bank), request.kind, request.dim, request.params)
         return visible(info)
 
@@ -76,15 +92,31 @@ class Operations:
 
     # --- text generation -------------------------------------------------------------------
 
-    async def start_generation(self, request: schemas.GenerateRequest | schemas.CompletionsRequest
-                               ) -> AsyncIterator[dict]:
+    async def start_generation(self, tenant: str | None,
+                               request: schemas.GenerateRequest | schemas.CompletionsRequest) -> AsyncIterator[dict]:
         """Submit now (so a full queue or a too-long prompt fails before any byte is sent) and return
         the metered event stream; closing it early cancels the sequence."""
+        if request.max_tokens > self.limits.max_new_tokens:
+            raise InvalidArgument(f"max_tokens exceeds this service's limit of {self.limits.max_new_tokens}",
+                                  field="max_tokens")
+        if self._streams[tenant] >= self.limits.max_streams_per_tenant:
+            metrics.REJECTIONS.labels(reason="tenant_streams").inc()
+            raise TooManyRequests(f"{self._streams[tenant]} generations already in progress for this caller "
+                                  f"(limit {self.limits.max_streams_per_tenant})", retry_after=1.0)
         params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
                                 top_k=getattr(request, "top_k", 0), top_p=request.top_p, seed=request.seed,
                                 stop=request.stop_strings(), logprobs=request.logprobs or 0)
-        events = await self.backend.generate(request.prompt, params, getattr(request, "timeout", None))
-        return self._metered(events)
+        self._streams[tenant] += 1
+        release = functools.partial(self._streams.subtract, [tenant])
+        try:
+            events = self._metered(await self.backend.generate(request.prompt, params, getattr(request, "timeout", None)))
+            # Wait for the first event: its failure is still an error response, and a started stream
+            # is cancelled by the event loop's async-generator finaliser even if nobody closes it.
+            first = await anext(events)
+        except BaseException:
+            release()
+            raise
+        return GenerationStream(first, events, release)
 
     async def _metered(self, events: AsyncIterator[dict]) -> AsyncIterator[dict]:
         started = last = time.perf_counter()
@@ -104,8 +136,8 @@ class Operations:
                     metrics.GENERATED_TOKENS.labels("llm").inc(event["usage"]["completion_tokens"])
                 yield event
 
-    async def generate(self, request: schemas.GenerateRequest) -> schemas.GenerateResponse:
-        return await collect(await self.start_generation(request))
+    async def generate(self, tenant: str | None, request: schemas.GenerateRequest) -> schemas.GenerateResponse:
+        return await collect(await self.start_generation(tenant, request))
 
     @staticmethod
     def generate_chunk(event: dict) -> dict:
@@ -124,9 +156,9 @@ class Operations:
         if name not in served:
             raise NotFound(f"model '{name}' is not served; text models: {', '.join(served) or 'none'}", field="model")
 
-    async def completions(self, request: schemas.CompletionsRequest) -> dict:
+    async def completions(self, tenant: str | None, request: schemas.CompletionsRequest) -> dict:
         """OpenAI text_completion object."""
-        response = await collect(await self.start_generation(request))
+        response = await collect(await self.start_generation(tenant, request))
         return completion_object(request.model, choice={
             "text": response.text, "index": 0, "finish_reason": OPENAI_FINISH.get(response.finish_reason, "stop"),
             "logprobs": openai_logprobs(response.logprobs)}, usage=response.usage.model_dump())
@@ -152,6 +184,41 @@ class Operations:
         for result in results:
             steps.observe(result.steps)
         return schemas.RetrieveResponse(results=[r.to_dict() for r in results])
+
+
+class GenerationStream:
+    """A started generation's events; gives its per-tenant stream slot back exactly once — when the
+    events run out, when closed, or when dropped unread."""
+
+    def __init__(self, first: dict, events: AsyncIterator[dict], release: Callable[[], None]):
+        self._first: dict | None = first
+        self._events = events
+        self._release: Callable[[], None] | None = release
+
+    def __aiter__(self) -> "GenerationStream":
+        return self
+
+    async def __anext__(self) -> dict:
+        if self._first is not None:
+            event, self._first = self._first, None
+            return event
+        try:
+            return await anext(self._events)
+        except BaseException:
+            self._done()
+            raise
+
+    async def aclose(self) -> None:
+        self._done()
+        await self._events.aclose()
+
+    def _done(self) -> None:
+        if self._release is not None:
+            self._release, release = None, self._release
+            release()
+
+    def __del__(self) -> None:
+        self._done()
 
 
 async def collect(events: AsyncIterator[dict]) -> schemas.GenerateResponse:

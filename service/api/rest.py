@@ -19,7 +19,7 @@ from service import __version__, errors, metrics
 from service.api import schemas
 from service.api.auth import ApiKeys
 from service.api.errors import error_body, from_validation, http_status, retry_after
-from service.api.operations import Operations
+from service.api.operations import Limits, Operations
 from service.backends.base import Backend
 
 ERRORS = {status: {"model": schemas.ErrorResponse} for status in (404, 409, 413, 422, 503)}
@@ -133,8 +133,8 @@ async def unless_disconnected(request: Request, work: Awaitable, poll: float = 0
 
 
 def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024, api_keys: ApiKeys = ApiKeys({}),
-               protect_metrics: bool = False) -> FastAPI:
-    ops = Operations(backend)
+               protect_metrics: bool = False, limits: Limits = Limits()) -> FastAPI:
+    ops = Operations(backend, limits)
 
     async def tenant(authorization: str | None = Header(default=None)) -> str | None:
         return api_keys.tenant(authorization)
@@ -207,24 +207,24 @@ def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024, api_
     async def complete_image(body: schemas.CompleteImageRequest):
         return await ops.complete_image(body)
 
-    @app.post("/v1/generate", dependencies=[Tenant], response_model=schemas.GenerateResponse, responses=ERRORS, tags=["generate"],
+    @app.post("/v1/generate", response_model=schemas.GenerateResponse, responses=ERRORS, tags=["generate"],
               description="Generate text; with stream=true, Server-Sent Events: one chunk per token, then the "
                           "finish chunk (finish_reason, usage), then [DONE].")
-    async def generate(body: schemas.GenerateRequest, request: Request):
+    async def generate(body: schemas.GenerateRequest, request: Request, caller: str | None = Tenant):
         if body.stream:
-            events = await ops.start_generation(body)
+            events = await ops.start_generation(caller, body)
             return server_sent_events(events, ops.generate_chunk)
-        return await unless_disconnected(request, ops.generate(body))
+        return await unless_disconnected(request, ops.generate(caller, body))
 
-    @app.post("/v1/completions", dependencies=[Tenant], responses=ERRORS, tags=["generate"],
+    @app.post("/v1/completions", responses=ERRORS, tags=["generate"],
               description="OpenAI-compatible text completions (streaming too).")
-    async def completions(body: schemas.CompletionsRequest, request: Request):
+    async def completions(body: schemas.CompletionsRequest, request: Request, caller: str | None = Tenant):
         await ops.check_lm(body.model)
         if body.stream:
-            events = await ops.start_generation(body)
+            events = await ops.start_generation(caller, body)
             completion_id = f"cmpl-{uuid.uuid4().hex}"
             return server_sent_events(events, lambda e: ops.completion_chunk(body.model, completion_id, e))
-        return await unless_disconnected(request, ops.completions(body))
+        return await unless_disconnected(request, ops.completions(caller, body))
 
     @app.get("/v1/models", dependencies=[Tenant], response_model=schemas.ModelList, tags=["models"])
     async def models():
