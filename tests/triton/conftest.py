@@ -1,0 +1,1 @@
+from tests.triton.fixtures import triton_server  # noqa: F401

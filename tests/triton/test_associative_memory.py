@@ -1,0 +1,161 @@
+"""The `associative_memory` model's request handling in-process (no Triton): grouping into batched
+engine calls, per-request failures, and the error encoding the gateway decodes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from service.backends.triton import service_error
+from service.engines.memory.persistence import SQLiteStore
+from service.engines.memory.registry import BankRegistry, DynamicsOptions
+from service.errors import (AlreadyExists, Conflict, InvalidArgument, NotFound, Overloaded, ServiceError,
+                            TooLarge, TooManyRequests, Unavailable)
+from service.triton.associative_memory import AssociativeMemory, decode_results, error_from_message, error_message
+
+DIM = 16
+
+
+def text(value: str) -> np.ndarray:
+    return np.array([value.encode()], dtype=np.object_)
+
+
+def request(op: str, bank: str = "", args: dict | None = None, vectors=None, clamp=None) -> dict:
+    return {"OP": text(op), "BANK": text(bank), "ARGS": text(json.dumps(args or {})),
+            "VECTORS": vectors, "CLAMP": clamp}
+
+
+def run_request(bank: str, queries: np.ndarray, clamp=None, **options) -> dict:
+    args = {"steps": None, "step_size": None, "tolerance": None, "trace": False, **options}
+    return request("run", bank, args, queries, clamp)
+
+
+class CountingRegistry(BankRegistry):
+    """Records the (bank, rows per request) of every batched engine call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches: list[tuple[str, list[int]]] = []
+
+    def run_batch(self, name, parts, options):
+        self.batches.append((name, [len(queries) for queries, _ in parts]))
+        return super().run_batch(name, parts, options)
+
+
+@pytest.fixture()
+def patterns() -> np.ndarray:
+    return np.sign(np.random.default_rng(7).standard_normal((5, DIM))).astype(np.float32)
+
+
+@pytest.fixture()
+def registry(tmp_path, patterns) -> CountingRegistry:
+    registry = CountingRegistry(SQLiteStore(tmp_path))
+    for bank in ("a", "b"):
+        registry.create(bank, "modern", DIM, {"beta": 4.0})
+        registry.store_patterns(bank, patterns, [f"p{i}" for i in range(len(patterns))])
+    return registry
+
+
+def test_runs_share_one_engine_call_per_bank_and_options(registry, patterns):
+    model = AssociativeMemory(registry)
+    mask = np.zeros((1, DIM), dtype=bool)
+    mask[0, :4] = True
+    requests = [
+        run_request("a", patterns[:2]),
+        run_request("b", patterns[2:3]),
+        run_request("a", patterns[3:4], clamp=mask),  # a completion joins the retrieves of its bank
+        run_request("a", patterns[4:5], steps=1),  # other options: its own call
+        run_request("a", patterns[:3]),
+    ]
+    answers = model.execute(requests)
+
+    assert sorted(registry.batches) == [("a", [1]), ("a", [2, 1, 3]), ("b", [1])]
+    for req, answer in zip(requests, answers):
+        assert isinstance(answer, dict), answer
+        got = decode_results(answer["STATES"], json.loads(answer["RESULT"][0]))
+        alone = registry.run(req["BANK"][0].decode(), req["VECTORS"], req["CLAMP"],
+                             DynamicsOptions(**json.loads(req["ARGS"][0])))
+        assert [r.nearest["id"] for r in got] == [r.nearest["id"] for r in alone]
+        np.testing.assert_allclose([r.state for r in got], [r.state for r in alone], rtol=1e-5, atol=1e-6)
+    completed = decode_results(answers[2]["STATES"], json.loads(answers[2]["RESULT"][0]))[0]
+    np.testing.assert_array_equal(completed.state[:4], patterns[3, :4])  # clamped entries kept
+
+
+def test_a_bad_request_fails_alone(registry, patterns):
+    model = AssociativeMemory(registry)
+    answers = model.execute([
+        run_request("a", patterns[:1]),
+        run_request("a", patterns[:1, :3]),  # wrong dimension
+        run_request("missing", patterns[:1]),
+        run_request("a", patterns[:1], clamp=np.ones((2, DIM), dtype=bool)),  # mask shape ≠ queries
+        run_request("a", patterns[1:2]),
+        request("teleport", "a"),
+    ])
+    assert isinstance(answers[0], dict) and isinstance(answers[4], dict)
+    assert isinstance(answers[1], InvalidArgument) and answers[1].field == "queries"
+    assert isinstance(answers[2], NotFound) and answers[2].field == "bank"
+    assert isinstance(answers[3], InvalidArgument) and answers[3].field == "mask"
+    assert isinstance(answers[5], InvalidArgument) and answers[5].field == "op"
+    assert registry.batches == [("a", [1, 1])]
+
+
+def test_requests_see_the_effects_of_earlier_ones_in_the_batch(registry, patterns):
+    model = AssociativeMemory(registry)
+    answers = model.execute([
+        request("create", "c", {"kind": "modern", "dim": DIM, "params": {}}),
+        request("store", "c", {"ids": ["x"]}, patterns[:1]),
+        run_request("c", patterns[:1]),
+        request("delete", "c"),
+        run_request("c", patterns[:1]),
+        request("info", "c"),
+    ])
+    assert json.loads(answers[0]["RESULT"][0])["name"] == "c"
+    assert json.loads(answers[1]["RESULT"][0]) == {"ids": ["x"], "count": 1}
+    assert json.loads(answers[2]["RESULT"][0])[0]["nearest"]["id"] == "x"
+    assert json.loads(answers[3]["RESULT"][0]) == {}
+    assert isinstance(answers[4], NotFound) and isinstance(answers[5], NotFound)
+
+
+def test_results_cross_the_wire_unchanged(registry, patterns):
+    """float32 states and JSON fields decode to the exact MemoryResults the registry returned."""
+    direct = registry.run("a", patterns[:3] * 0.5, None, DynamicsOptions(trace=True))
+    [answer] = AssociativeMemory(registry).execute([run_request("a", patterns[:3] * 0.5, trace=True)])
+    states = np.frombuffer(answer["STATES"].tobytes(), np.float32).reshape(answer["STATES"].shape)
+    assert decode_results(states, json.loads(answer["RESULT"][0])) == direct
+
+
+@pytest.mark.parametrize("error", [
+    InvalidArgument("bad dim", field="dim"), NotFound("no bank", field="bank"),
+    AlreadyExists("exists", field="bank"), Conflict("differs", field="ids[0]"), TooLarge("big", field="patterns"),
+    Overloaded("full", retry_after=2.0), TooManyRequests("queue"), Unavailable("disk", retry_after=5.0),
+    ServiceError("bug"),
+])
+def test_errors_round_trip(error):
+    back = error_from_message(error_message(error))
+    assert type(back) is type(error)
+    assert (back.message, back.field) == (error.message, error.field)
+    assert getattr(back, "retry_after", None) == getattr(error, "retry_after", None)
+
+
+def test_unexpected_exceptions_are_internal_errors():
+    back = error_from_message(error_message(ZeroDivisionError("division by zero")))
+    assert type(back) is ServiceError and "ZeroDivisionError" in back.message
+
+
+@pytest.mark.parametrize("message, status, expected", [
+    ('{"code": "not_found", "field": "bank", "message": "bank \'x\' does not exist"}', "StatusCode.NOT_FOUND",
+     NotFound),
+    ("Exceeds maximum queue size", "StatusCode.UNAVAILABLE", Overloaded),
+    ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", Unavailable),
+    ("Request for unknown model: 'associative_memory' is not found", "StatusCode.NOT_FOUND", Unavailable),
+    ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED", Unavailable),
+    ("unexpected shape for input 'OP'", "StatusCode.INVALID_ARGUMENT", ServiceError),
+])
+def test_triton_failures_map_to_service_errors(message, status, expected):
+    error = service_error(InferenceServerException(msg=message, status=status))
+    assert type(error) is expected
+    if expected is NotFound:
+        assert error.field == "bank" and error.message == "bank 'x' does not exist"

@@ -1,0 +1,88 @@
+"""The bundled tritonserver as a child process: readiness, a clean stop, and clear start failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from service.triton.launcher import TritonServer, TritonStartError
+from tests.triton.fixtures import export_for_tests
+
+pytestmark = pytest.mark.triton
+
+
+def running(pid: int) -> bool:
+    """True while `pid` is a live process (a zombie awaiting its reaper counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_ready_then_stop_leaves_no_process(tmp_path):
+    repository = export_for_tests(tmp_path / "repository", tmp_path / "data")
+    log_path = tmp_path / "triton.log"
+    # An empty AMSERVE_DATA_DIR leaves the data dir to the config's parameter.
+    with TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0, log_path=log_path,
+                      env={"AMSERVE_DATA_DIR": ""}) as server:
+        assert server.is_alive() and server.health_ready()
+        pid = server.pid
+    assert not server.is_alive() and not server.health_ready()
+    assert not running(pid)
+    assert "successfully loaded 'associative_memory'" in log_path.read_text()
+    assert (tmp_path / "data" / "banks.sqlite3").exists()  # the model opened the config's data dir
+
+
+def test_a_model_that_fails_to_load_stops_start_with_its_error(tmp_path):
+    repository = export_for_tests(tmp_path / "repository", tmp_path / "data")
+    (repository / "associative_memory" / "1" / "model.py").write_text(
+        'raise RuntimeError("model file damaged on purpose")\n')
+    server = TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0, startup_timeout=60)
+    with pytest.raises(TritonStartError, match="exited with code") as info:
+        server.start()
+    assert "model file damaged on purpose" in str(info.value)
+    assert not server.is_alive()
+
+
+def test_ports_held_by_another_server_fail_the_start(tmp_path, triton_server):
+    """The other server answers ready on those ports; that must not pass for this one's readiness."""
+    repository = export_for_tests(tmp_path / "repository", tmp_path / "data")
+    server = TritonServer(repository, http_port=triton_server.http_port, grpc_port=triton_server.grpc_port,
+                          metrics_port=triton_server.metrics_port, startup_timeout=60)
+    with pytest.raises(TritonStartError, match="exited with code"):
+        server.start()
+    assert triton_server.health_ready()
+
+
+def test_a_missing_repository_is_refused_before_launch(tmp_path):
+    with pytest.raises(TritonStartError, match="not a directory"):
+        TritonServer(tmp_path / "nowhere", http_port=0, grpc_port=0, metrics_port=0).start()
+
+
+def test_triton_follows_a_killed_parent(tmp_path):
+    repository = export_for_tests(tmp_path / "repository", tmp_path / "data")
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from service.triton.launcher import TritonServer\n"
+         "server = TritonServer(sys.argv[1], http_port=0, grpc_port=0, metrics_port=0).start()\n"
+         "print(server.pid, flush=True)\n"
+         "time.sleep(600)\n",
+         str(repository)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())
+        assert running(pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    for _ in range(150):  # bounded: Triton's graceful shutdown takes a few seconds
+        if not running(pid):
+            break
+        time.sleep(0.2)
+    assert not running(pid)
