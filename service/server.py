@@ -34,8 +34,13 @@ def build_backend(settings: Settings) -> Backend:
                                max_context=settings.max_context)
     if settings.backend == "triton":
         from service.backends.triton import TritonBackend
+        from service.triton.launcher import TritonServer
 
-        return TritonBackend(settings.triton_url)
+        if settings.triton_url:  # e.g. a Triton StatefulSet in Kubernetes
+            return TritonBackend(settings.triton_url)
+        # Otherwise run the bundled Triton as a child on free ports, serving this data dir.
+        return TritonBackend(server=TritonServer(settings.model_repository, http_port=0, grpc_port=0,
+                                                 metrics_port=0, data_dir=settings.data_dir))
     raise SystemExit(f"unknown backend {settings.backend!r} (expected 'embedded' or 'triton')")
 
 

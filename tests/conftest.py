@@ -9,7 +9,7 @@ import pytest
 
 from service.harness import ServerProcess
 
-BACKENDS = ["embedded"]
+BACKENDS = ["embedded", "triton"]
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
@@ -36,3 +36,10 @@ def stub(server):
 def bank_name(request) -> str:
     """A fresh bank name per test, valid under the bank-name rule."""
     return re.sub(r"[^a-z0-9_-]", "-", "t-" + request.node.name.lower())[:50] + uuid.uuid4().hex[:6]
+
+
+@pytest.fixture()
+def embedded_only(server):
+    """For operations whose Triton model is not in the repository yet."""
+    if server.backend != "embedded":
+        pytest.skip(f"{server.backend} backend does not serve this model")

@@ -15,7 +15,8 @@ def batch_histogram(metrics_text: str) -> dict[str, float]:
     return {le: float(count) for le, count in pattern.findall(metrics_text)}
 
 
-def test_concurrent_retrieves_form_batches_larger_than_one(server, bank_name):
+def test_concurrent_retrieves_form_batches_larger_than_one(server, bank_name, embedded_only):
+    """The gateway's own batcher (embedded backend; Triton's batcher is checked in tests/triton)."""
     rng = np.random.default_rng(5)
     patterns = rng.standard_normal((2000, 128)).astype(np.float32)
     with httpx.Client(base_url=server.url, timeout=60) as c:
