@@ -25,7 +25,7 @@ class ServerProcess:
     """`amserve serve` as a child process, started and killed like in production."""
 
     def __init__(self, data_dir: Path, *, backend: str = "embedded", extra_args: list[str] | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, log_dir: Path | None = None):
         self.data_dir = data_dir
         self.backend = backend
         self.extra_args = extra_args or []
@@ -33,7 +33,7 @@ class ServerProcess:
         self.rest_port = free_port()
         self.grpc_port = free_port()
         self.proc: subprocess.Popen | None = None
-        self.log_path = data_dir.parent / f"server-{self.rest_port}.log"
+        self.log_path = (log_dir or data_dir.parent) / f"server-{self.rest_port}.log"
 
     @property
     def url(self) -> str:

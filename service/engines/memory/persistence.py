@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 
 from service.errors import AlreadyExists, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS banks (
@@ -37,6 +41,10 @@ CREATE TABLE IF NOT EXISTS patterns (
 """
 
 
+def read_only_filesystem(directory: Path) -> bool:
+    return bool(os.statvfs(directory).f_flag & os.ST_RDONLY) or not os.access(directory, os.W_OK)
+
+
 @dataclass(frozen=True)
 class BankRecord:
     name: str
@@ -53,14 +61,26 @@ class SQLiteStore:
         self.path = Path(data_dir) / "banks.sqlite3"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(SCHEMA)
+            self.read_only = read_only_filesystem(self.path.parent)
+            if self.read_only:
+                # Serve what is there; every write then fails as Unavailable (503) instead of the service
+                # refusing to start. A cleanly closed database has no WAL left to replay.
+                log.warning("bank data dir %s is read-only: banks are served, writes are refused", self.path.parent)
+            self._db = self._connect()
+            if not self.read_only:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise Unavailable(f"cannot open the bank database at {self.path}: {exc}") from exc
         self._lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return sqlite3.connect(f"{self.path.as_uri()}?mode=ro&immutable=1", uri=True, check_same_thread=False,
+                                   isolation_level=None)
+        return sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
 
     def close(self) -> None:
         with self._lock:
@@ -117,7 +137,7 @@ class SQLiteStore:
     def patterns(self, bank: str, dim: int, chunk: int = 65536) -> Iterator[tuple[list[str], np.ndarray]]:
         """Stored patterns in insertion order, in chunks, so a large bank never sits in RAM twice.
         A separate read connection: WAL lets it scan while writers go on."""
-        reader = sqlite3.connect(self.path)
+        reader = self._connect()
         try:
             cursor = reader.execute("SELECT id, vector FROM patterns WHERE bank = ? ORDER BY seq", (bank,))
             while part := cursor.fetchmany(chunk):
