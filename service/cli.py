@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_running_sequences=args.max_running_sequences, max_waiting_sequences=args.max_waiting_sequences,
         max_context=args.max_context, api_keys_file=args.api_keys_file,
         protect_metrics=args.protect_metrics or None, max_dim=args.max_dim, max_new_tokens=args.max_new_tokens,
-        max_streams_per_tenant=args.max_streams_per_tenant)
+        max_streams_per_tenant=args.max_streams_per_tenant, max_in_flight=args.max_in_flight)
     asyncio.run(serve(settings))
     return 0
 
@@ -43,6 +43,7 @@ def _add_serve(commands) -> None:
     p.add_argument("--max-batch-size", type=int, help="query rows per batched engine call (default 64)")
     p.add_argument("--max-queue-delay-us", type=int, help="how long a request waits for company (default 500)")
     p.add_argument("--max-queue-size", type=int, help="waiting requests before 503 (default 1024)")
+    p.add_argument("--max-in-flight", type=int, help="requests in progress per transport before 503 (default 512)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 64 MiB)")
     p.add_argument("--max-vectors-per-request", type=int, help="vectors per store/retrieve (default 10000)")
     p.add_argument("--max-dim", type=int, help="largest bank dimension (default 65536)")

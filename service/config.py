@@ -25,6 +25,7 @@ class Settings:
     max_batch_size: int = 64
     max_queue_delay_us: int = 500
     max_queue_size: int = 1024
+    max_in_flight: int = 512                # requests in progress per transport before 503 / RESOURCE_EXHAUSTED
     # Auth: API-key hashes per tenant (see service/api/auth.py); none configured = open service.
     api_keys_file: Path | None = None
     protect_metrics: bool = False           # require a key for /metrics too

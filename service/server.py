@@ -54,12 +54,13 @@ async def serve(settings: Settings, backend: Backend | None = None) -> None:
     limits = Limits(max_dim=settings.max_dim, max_new_tokens=settings.max_new_tokens,
                     max_streams_per_tenant=settings.max_streams_per_tenant)
     app = create_app(backend, max_body_bytes=settings.max_body_bytes, api_keys=api_keys,
-                     protect_metrics=settings.protect_metrics, limits=limits)
+                     protect_metrics=settings.protect_metrics, limits=limits, max_in_flight=settings.max_in_flight)
     rest = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.rest_port, log_level="warning",
                                          lifespan="off", timeout_graceful_shutdown=30))
     rest.install_signal_handlers = lambda: None  # this function owns SIGINT/SIGTERM for both transports
     grpc_server, health_servicer = create_server(backend, max_message_bytes=settings.max_body_bytes,
-                                                 api_keys=api_keys, limits=limits)
+                                                 api_keys=api_keys, limits=limits,
+                                                 max_in_flight=settings.max_in_flight)
     grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     await grpc_server.start()
     health_task = asyncio.create_task(_follow_readiness(backend, health_servicer))

@@ -179,10 +179,12 @@ def _generate_chunk(chunk: dict) -> pb.GenerateChunk:
 
 
 def create_server(backend: Backend, *, max_message_bytes: int = 64 * 1024 * 1024, api_keys: ApiKeys = ApiKeys({}),
-                  limits: Limits = Limits()) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+                  limits: Limits = Limits(), max_in_flight: int = 512
+                  ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
-    server = grpc.aio.server(options=options)
+    # Past max_in_flight concurrent RPCs grpc answers RESOURCE_EXHAUSTED at once (load shedding).
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_in_flight)
     pb_grpc.add_AmserveServicer_to_server(AmserveServicer(Operations(backend, limits), api_keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

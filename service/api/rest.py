@@ -105,6 +105,31 @@ class Measured:
                 metrics.REQUESTS.labels(route, "rest", str(status)).inc()
 
 
+class AdmissionLimit:
+    """Front-door load shedding: past `max_in_flight` requests in progress, answer 503 + Retry-After at
+    once, before reading the body, so admitted requests keep a bounded latency under overload."""
+
+    EXEMPT = ("/metrics", "/healthz/live", "/healthz/ready")
+
+    def __init__(self, app: ASGIApp, max_in_flight: int):
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_in_flight:
+            metrics.REJECTIONS.labels(reason="in_flight_limit").inc()
+            overloaded = errors.Overloaded(f"more than {self.max_in_flight} requests in progress; retry shortly")
+            return await error_response(overloaded)(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 def server_sent_events(events: AsyncIterator[dict], to_chunk: Callable[[dict], dict]) -> StreamingResponse:
     """`data: {json}` per event, then `data: [DONE]`. If the client leaves, Starlette cancels this
     stream and closing `events` cancels the generation."""
@@ -133,7 +158,7 @@ async def unless_disconnected(request: Request, work: Awaitable, poll: float = 0
 
 
 def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024, api_keys: ApiKeys = ApiKeys({}),
-               protect_metrics: bool = False, limits: Limits = Limits()) -> FastAPI:
+               protect_metrics: bool = False, limits: Limits = Limits(), max_in_flight: int = 512) -> FastAPI:
     ops = Operations(backend, limits)
 
     async def tenant(authorization: str | None = Header(default=None)) -> str | None:

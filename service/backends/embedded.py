@@ -71,7 +71,7 @@ class EmbeddedBackend:
             self._write_thread, lambda: BankRegistry(SQLiteStore(self._data_dir), self._device))
         self.batcher = MicroBatcher(self._run_batch, executor=self._engine_thread, **self._batching)
         self.batcher.start()
-        if (self._model_repository / ET_DIR).is_dir():
+        if (self._model_repository / ET_DIR / energy_transformer.CONFIG_FILE).is_file():
             self.image_model = await loop.run_in_executor(
                 self._engine_thread, energy_transformer.load, self._model_repository / ET_DIR, self._device)
             self.image_batcher = MicroBatcher(self._run_image_batch, executor=self._engine_thread,

@@ -1,8 +1,12 @@
 """Models run inside Triton; this backend talks to it over gRPC (tritonclient aio).
 
-Every operation is one inference request to the `associative_memory` model (the format is in
+Every bank operation is one inference request to the `associative_memory` model (the format is in
 service/triton/associative_memory.py); Triton's dynamic batcher groups concurrent requests and the
-model runs one batched dynamics per bank. The model's errors come back as the same service error
+model runs one batched dynamics per bank. An image completion is one request to `energy_transformer`
+(service/triton/energy_transformer.py), batched the same way. A generation is one request to the
+decoupled `llm` model on a gRPC stream of its own (ModelStreamInfer; service/triton/llm.py): one
+response per event; closing the event stream early cancels the gRPC stream, which the model notices
+and cancels the sequence in its scheduler. The models' errors come back as the same service error
 classes the embedded backend raises, so the API answers identically over either backend.
 """
 
@@ -12,6 +16,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -20,11 +25,15 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, InferRequestedO
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from service import metrics
 from service.engines.memory import KINDS
 from service.engines.memory.registry import BankInfo, DynamicsOptions, MemoryResult
-from service.errors import Overloaded, ServiceError, Unavailable
-from service.triton.associative_memory import MODEL_NAME, bank_info, decode_results, error_from_message
+from service.errors import Overloaded, ServiceError, TooManyRequests, Unavailable
+from service.triton import energy_transformer as et_wire
+from service.triton import llm as llm_wire
+from service.triton.associative_memory import MODEL_NAME, bank_info, decode_results
 from service.triton.launcher import TritonServer
+from service.triton.wire import error_from_message
 
 if TYPE_CHECKING:
     from service.engines.lm.sampling import SamplingParams
@@ -44,17 +53,24 @@ CHANNEL_ARGS = [
 ]
 
 
-def service_error(exc: InferenceServerException) -> ServiceError:
-    """The service error a failed Triton call stands for."""
+def service_error(exc: InferenceServerException, model: str = MODEL_NAME) -> ServiceError:
+    """The service error a failed Triton call to `model` stands for."""
     message = exc.message() or ""
     decoded = error_from_message(message)
     if decoded is not None:
         return decoded
     if QUEUE_FULL in message:
-        return Overloaded(f"the {MODEL_NAME} queue in Triton is full")
-    if exc.status() in UNAVAILABLE_STATUSES or "is not ready" in message:
-        return Unavailable(f"Triton cannot serve {MODEL_NAME} now: {message}")
+        return Overloaded(f"the {model} queue in Triton is full")
+    if exc.status() in UNAVAILABLE_STATUSES or "is not ready" in message or "unknown model" in message:
+        return Unavailable(f"Triton cannot serve {model} now: {message}")
     return ServiceError(f"Triton failed: {message}")
+
+
+def generation_error(error: ServiceError) -> ServiceError:
+    """A full generation queue is 429 Too Many Requests, as over the embedded backend."""
+    if isinstance(error, Overloaded) and not isinstance(error, TooManyRequests):
+        return TooManyRequests(error.message, retry_after=error.retry_after)
+    return error
 
 
 class TritonBackend:
@@ -71,6 +87,9 @@ class TritonBackend:
         self.ready_timeout = ready_timeout
         self.request_timeout = request_timeout
         self._client: triton_aio.InferenceServerClient | None = None
+        self._lm_parameters: dict[str, str] | None = None
+        # Generations this gateway has in Triton: waiting for their first token, then running.
+        self._generations = {"waiting": 0, "running": 0}
 
     async def start(self) -> None:
         if self.server is not None:
@@ -78,6 +97,9 @@ class TritonBackend:
             await asyncio.to_thread(self.server.wait_ready)
         # The channel connects lazily and reconnects by itself, so Triton may come and go.
         self._client = triton_aio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
+        # The scheduler lives in Triton; the gateway's gauges count the generations it streams from there.
+        metrics.RUNNING_SEQUENCES.labels("llm").set_function(lambda: self._generations["running"])
+        metrics.WAITING_SEQUENCES.labels("llm").set_function(lambda: self._generations["waiting"])
 
     async def close(self) -> None:
         if self._client is not None:
@@ -88,27 +110,111 @@ class TritonBackend:
 
     async def ready(self) -> bool:
         """Triton's server and model readiness, within `ready_timeout`; False when Triton is away."""
+        return await self._model_ready(MODEL_NAME, server=True)
+
+    async def _model_ready(self, model: str, server: bool = False) -> bool:
         if self._client is None:
             return False
         try:
             async with asyncio.timeout(self.ready_timeout):
-                return (await self._client.is_server_ready(client_timeout=self.ready_timeout)
-                        and await self._client.is_model_ready(MODEL_NAME, client_timeout=self.ready_timeout))
+                return ((not server or await self._client.is_server_ready(client_timeout=self.ready_timeout))
+                        and await self._client.is_model_ready(model, client_timeout=self.ready_timeout))
         except (InferenceServerException, TimeoutError):
             return False
 
     async def models(self) -> list[dict]:
-        return [{"id": "associative-memory", "task": "retrieve", "ready": await self.ready(),
-                 "details": {"kinds": sorted(KINDS)}}]
+        memory, image, text = await asyncio.gather(
+            self.ready(), self._model_ready(et_wire.MODEL_NAME), self._model_ready(llm_wire.MODEL_NAME))
+        cards = [{"id": "associative-memory", "task": "retrieve", "ready": memory, "details": {"kinds": sorted(KINDS)}},
+                 {"id": "energy-transformer", "task": "image-completion", "ready": image,
+                  "details": self._image_details()}]
+        parameters = await self._llm_parameters() if text else None
+        if parameters is not None:
+            cards.append({"id": parameters["served_model_name"], "task": "text-generation", "ready": True,
+                          "details": {"context": int(parameters["max_context"]),
+                                      "running_slots": int(parameters["max_running_sequences"])}})
+        return cards
+
+    def _image_details(self) -> dict:
+        """The image size, where this backend launched Triton and so can read the model's config."""
+        if self.server is None:
+            return {}
+        try:
+            config = json.loads((Path(self.server.model_repository) / et_wire.MODEL_NAME / "1" / "et_config.json")
+                                .read_text())
+        except (OSError, ValueError):
+            return {}
+        return {"image_size": config.get("image_size", 8)} if isinstance(config, dict) else {}
+
+    async def _llm_parameters(self) -> dict[str, str] | None:
+        """The llm model's config parameters (served name, scheduler limits), read once."""
+        if self._lm_parameters is None:
+            try:
+                config = await self._client.get_model_config(llm_wire.MODEL_NAME, as_json=True,
+                                                             client_timeout=self.ready_timeout)
+                parameters = {key: value.get("string_value", "")
+                              for key, value in config["config"].get("parameters", {}).items()}
+            except (InferenceServerException, KeyError):
+                return None
+            self._lm_parameters = {"served_model_name": llm_wire.DEFAULT_NAME, "max_context": "0",
+                                   "max_running_sequences": "0", **parameters}
+        return self._lm_parameters
 
     async def complete_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
                              ) -> tuple[np.ndarray, list[float]]:
-        raise Unavailable("the Triton backend serves associative memories only; image completion runs "
-                          "on the embedded backend")
+        arrays = et_wire.request_arrays(image, missing, steps)
+        datatypes = {"IMAGE": "FP32", "MISSING": "BOOL", "STEPS": "INT32"}
+        inputs = [_batch_input(name, array, datatypes[name]) for name, array in arrays.items()]
+        outputs = [InferRequestedOutput("IMAGE"), InferRequestedOutput("ENERGY_TRACE")]
+        answer = await self._infer(et_wire.MODEL_NAME, inputs, outputs)
+        return et_wire.decode_answer(answer.as_numpy("IMAGE")[0], answer.as_numpy("ENERGY_TRACE")[0])
 
     async def generate(self, prompt: str, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
-        raise Unavailable("the Triton backend serves associative memories only; text generation runs "
-                          "on the embedded backend")
+        """The generation's events, from a gRPC stream of its own. The request is sent now; a refusal
+        (a too-long prompt, a full queue) arrives as the stream's first answer, so it is raised by the
+        first `anext`, before any token, as the API layer expects of any backend."""
+        if self._client is None:
+            raise Unavailable("the Triton backend is not started")
+        arrays = llm_wire.request_arrays(prompt, params, deadline)
+        request = {"model_name": llm_wire.MODEL_NAME, "outputs": [InferRequestedOutput("TOKEN")],
+                   "inputs": [_batch_input(name, arrays[name], "BYTES") for name in llm_wire.INPUT_NAMES]}
+        sent = asyncio.Event()  # set once the answers are over: ends the request stream (half-close)
+
+        async def requests():
+            yield request
+            await sent.wait()
+
+        try:
+            responses = self._client.stream_infer(requests(), stream_timeout=self.request_timeout)
+        except InferenceServerException as exc:
+            raise generation_error(service_error(exc, llm_wire.MODEL_NAME)) from None
+        self._generations["waiting"] += 1
+        return self._events(responses, sent)
+
+    async def _events(self, responses, sent: asyncio.Event) -> AsyncIterator[dict]:
+        state, finished = "waiting", False
+        try:
+            while not finished:
+                try:
+                    result, error = await anext(responses)
+                except StopAsyncIteration:
+                    raise Unavailable("Triton ended the generation stream before its last event") from None
+                except grpc.RpcError as exc:
+                    raise Unavailable(f"Triton cannot serve {llm_wire.MODEL_NAME} now: {exc.details()}") from None
+                if error is not None:
+                    raise generation_error(service_error(error, llm_wire.MODEL_NAME))
+                event = llm_wire.decode_event(result.as_numpy("TOKEN"))
+                finished = event["type"] == "finish"
+                if state == "waiting" and not finished:
+                    self._generations["waiting"] -= 1
+                    self._generations["running"] += 1
+                    state = "running"
+                yield event
+        finally:
+            self._generations[state] -= 1
+            sent.set()
+            if not finished:  # the consumer went away (or Triton failed): cancel the gRPC stream
+                responses.cancel()
 
     # ----- operations ---------------------------------------------------------------------------
 
@@ -151,11 +257,16 @@ class TritonBackend:
         if clamp is not None:
             inputs.append(_tensor_input("CLAMP", _matrix(clamp, np.bool_), "BOOL"))
         outputs = [InferRequestedOutput("RESULT"), InferRequestedOutput("STATES")]
-        try:
-            answer = await self._client.infer(MODEL_NAME, inputs, outputs=outputs, client_timeout=self.request_timeout)
-        except InferenceServerException as exc:
-            raise service_error(exc) from None
+        answer = await self._infer(MODEL_NAME, inputs, outputs)
         return json.loads(answer.as_numpy("RESULT")[0, 0]), answer.as_numpy("STATES")[0]
+
+    async def _infer(self, model: str, inputs: list[InferInput], outputs: list[InferRequestedOutput]):
+        if self._client is None:
+            raise Unavailable("the Triton backend is not started")
+        try:
+            return await self._client.infer(model, inputs, outputs=outputs, client_timeout=self.request_timeout)
+        except InferenceServerException as exc:
+            raise service_error(exc, model) from None
 
 
 def _matrix(values: np.ndarray, dtype: type) -> np.ndarray:
@@ -174,6 +285,11 @@ def _text_input(name: str, text: str) -> InferInput:
 
 
 def _tensor_input(name: str, array: np.ndarray, datatype: str) -> InferInput:
-    tensor = InferInput(name, [1, *array.shape], datatype)
-    tensor.set_data_from_numpy(array[np.newaxis])
+    """`array` (one request's input, without the batch dimension) as a batch of one."""
+    return _batch_input(name, array[np.newaxis], datatype)
+
+
+def _batch_input(name: str, array: np.ndarray, datatype: str) -> InferInput:
+    tensor = InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
     return tensor

@@ -13,7 +13,7 @@ requests). Inputs:
 Outputs: STATES FP32 [N, D] (run: final states; otherwise 0×0) and RESULT BYTES [1], JSON: bank info,
 a list of them, {ids, count}, {} or, for run, one {energy, steps, converged, nearest, trace} per row.
 A failed request carries a JSON error {code, field, message} with the service error's code, which
-`error_from_message` turns back into the same exception class on the client side.
+`error_from_message` turns back into the same exception class on the client side (service/triton/wire.py).
 
 `AssociativeMemory.execute` is everything model.py's execute does, without pb_utils, so it is tested
 in-process. Like the embedded backend, it checks every run request alone, then makes one engine call
@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from service.engines.memory.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResult
-from service.errors import InvalidArgument, Overloaded, ServiceError, Unavailable
+from service.errors import InvalidArgument
+from service.triton.wire import error_from_message, error_message, json_tensor, text_value  # noqa: F401
 
 MODEL_NAME = "associative_memory"
 OPS = ("create", "list", "info", "delete", "store", "delete_pattern", "run")
@@ -39,42 +40,12 @@ NO_STATES = np.zeros((0, 0), dtype=np.float32)
 Outputs = dict[str, np.ndarray]
 
 
-# ----- errors ----------------------------------------------------------------------------------
-
-
-def error_message(exc: BaseException) -> str:
-    """The JSON text a failed response carries; anything but a ServiceError is an internal error."""
-    if not isinstance(exc, ServiceError):
-        return json.dumps({"code": ServiceError.code, "field": None, "message": f"{type(exc).__name__}: {exc}"})
-    payload = {"code": exc.code, "field": exc.field, "message": exc.message}
-    if isinstance(exc, (Overloaded, Unavailable)):
-        payload["retry_after"] = exc.retry_after
-    return json.dumps(payload)
-
-
-def error_from_message(message: str) -> ServiceError | None:
-    """Inverse of `error_message`; None when `message` is not one (an error from Triton itself)."""
-    try:
-        payload = json.loads(message)
-        code, text = payload["code"], payload["message"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    cls = next((c for c in _subclasses(ServiceError) if c.code == code), ServiceError)
-    if issubclass(cls, (Overloaded, Unavailable)):
-        return cls(text, retry_after=payload.get("retry_after", 1.0))
-    return cls(text, field=payload.get("field"))
-
-
-def _subclasses(cls: type) -> list[type]:
-    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
-
-
 # ----- results, both directions ----------------------------------------------------------------
 
 
 def encode_results(results: list[MemoryResult]) -> Outputs:
     rest = [{k: v for k, v in asdict(r).items() if k != "state"} for r in results]
-    return {"STATES": np.asarray([r.state for r in results], dtype=np.float32), "RESULT": _json(rest)}
+    return {"STATES": np.asarray([r.state for r in results], dtype=np.float32), "RESULT": json_tensor(rest)}
 
 
 def decode_results(states: np.ndarray, result: Any) -> list[MemoryResult]:
@@ -84,17 +55,6 @@ def decode_results(states: np.ndarray, result: Any) -> list[MemoryResult]:
 
 def bank_info(payload: dict) -> BankInfo:
     return BankInfo(**payload)
-
-
-def _json(value: Any) -> np.ndarray:
-    return np.array([json.dumps(value)], dtype=np.object_)
-
-
-def _text(value: np.ndarray | None) -> str:
-    if value is None or value.size != 1:
-        raise InvalidArgument("expected exactly one string")
-    item = value.reshape(-1)[0]
-    return item.decode("utf-8") if isinstance(item, bytes) else str(item)
 
 
 # ----- the model's request handling ------------------------------------------------------------
@@ -117,7 +77,8 @@ class AssociativeMemory:
         groups: dict[tuple, list[tuple[int, Any]]] = {}
         for index, inputs in enumerate(requests):
             try:
-                op, bank, args = _text(inputs["OP"]), _text(inputs["BANK"]), json.loads(_text(inputs["ARGS"]))
+                op, bank = text_value(inputs["OP"]), text_value(inputs["BANK"])
+                args = json.loads(text_value(inputs["ARGS"]))
                 if not isinstance(args, dict):
                     raise InvalidArgument("ARGS must be a JSON object")
                 vectors = NO_STATES if inputs["VECTORS"] is None else inputs["VECTORS"]
@@ -164,7 +125,7 @@ class AssociativeMemory:
             result = {}
         else:
             raise InvalidArgument(f"unknown op {op!r}; expected one of {', '.join(OPS)}", field="op")
-        return {"STATES": NO_STATES, "RESULT": _json(result)}
+        return {"STATES": NO_STATES, "RESULT": json_tensor(result)}
 
 
 def _options(args: dict) -> DynamicsOptions:

@@ -5,6 +5,10 @@ Triton parses) and written in text format, so field names and types are checked 
 model.py files are the sources under `service/triton/templates/`, copied verbatim: thin Python-backend
 classes whose logic lives in `service`.
 
+Weights lie beside each model.py: the Energy Transformer's small files are checked in (written by
+`amserve train energy-transformer`) and copied along when exporting elsewhere; the LM's are converted
+from the default GGUF by `export_llm` (`amserve export` does it unless --skip-llm) and git-ignored.
+
 The checked-in `model_repository/` is `export()`'s output for the service's default settings with
 KIND_CPU; `read_batching_config` hands the same batching knobs to the embedded backend.
 """
@@ -12,7 +16,10 @@ KIND_CPU; `read_batching_config` hands the same batching knobs to the embedded b
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +28,13 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from service.config import Settings
+from service.triton.llm import DEFAULT_NAME as DEFAULT_LM_NAME
 
 TEMPLATES = Path(__file__).parent / "templates"
+# The checked-in repository, where the Energy Transformer's trained weights are kept.
+SHIPPED_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+ET_WEIGHTS = ("et_config.json", "model.safetensors")
+LLM_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
 CONFIG_HEADER = "# Written by `amserve export`; edit the ModelSpec in service/triton/export.py, not this file.\n"
 DEVICE_KINDS = ("auto", "cpu", "gpu")
 
@@ -63,7 +75,33 @@ ASSOCIATIVE_MEMORY = ModelSpec(
     parameters=("data_dir",),
 )
 
-MODELS: tuple[ModelSpec, ...] = (ASSOCIATIVE_MEMORY,)
+ENERGY_TRANSFORMER = ModelSpec(
+    name="energy_transformer",
+    template="energy_transformer_model.py",
+    inputs=(
+        TensorSpec("IMAGE", "TYPE_FP32", (-1, -1), ragged=True),
+        TensorSpec("MISSING", "TYPE_BOOL", (-1, -1), ragged=True),
+        TensorSpec("STEPS", "TYPE_INT32", (1,), optional=True),
+    ),
+    outputs=(
+        TensorSpec("IMAGE", "TYPE_FP32", (-1, -1)),
+        TensorSpec("ENERGY_TRACE", "TYPE_FP32", (-1,)),
+    ),
+)
+
+LLM = ModelSpec(
+    name="llm",
+    template="llm_model.py",
+    inputs=(
+        TensorSpec("PROMPT", "TYPE_STRING", (1,)),
+        TensorSpec("PARAMS", "TYPE_STRING", (1,)),
+    ),
+    outputs=(TensorSpec("TOKEN", "TYPE_STRING", (1,)),),
+    parameters=("served_model_name", "max_running_sequences", "max_waiting_sequences", "max_context"),
+    decoupled=True,
+)
+
+MODELS: tuple[ModelSpec, ...] = (ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER, LLM)
 
 
 @dataclass(frozen=True)
@@ -112,16 +150,29 @@ def export(
     max_queue_size: int,
     device_kind: str = "auto",
     models: Sequence[ModelSpec] = MODELS,
+    served_model_name: str = DEFAULT_LM_NAME,
+    max_running_sequences: int | None = None,
+    max_waiting_sequences: int | None = None,
+    max_context: int | None = None,
 ) -> list[Path]:
     """Write each model's config.pbtxt and 1/model.py under `repository`; returns the files written.
 
     A relative `data_dir` is kept relative: the model resolves it against Triton's working directory
-    at load, as the gateway does against its own.
+    at load, as the gateway does against its own. The LM's scheduler limits default to the service's
+    settings. Exporting elsewhere than the checked-in repository copies the Energy Transformer's
+    weights from it when they are there (not listed in the return value).
     """
     repository = Path(repository)
     batching = Batching(max_batch_size, max_queue_delay_us, max_queue_size)
     kind = instance_kind(device_kind)
-    settings = {"data_dir": str(data_dir)}
+    defaults = Settings()
+    settings = {
+        "data_dir": str(data_dir),
+        "served_model_name": served_model_name,
+        "max_running_sequences": str(max_running_sequences or defaults.max_running_sequences),
+        "max_waiting_sequences": str(max_waiting_sequences or defaults.max_waiting_sequences),
+        "max_context": str(max_context or defaults.max_context),
+    }
     written = []
     for spec in models:
         version = repository / spec.name / "1"
@@ -130,7 +181,43 @@ def export(
         config_path.write_text(CONFIG_HEADER + text_format.MessageToString(model_config(spec, batching, kind, settings)))
         model_path = shutil.copyfile(TEMPLATES / spec.template, version / "model.py")
         written += [config_path, Path(model_path)]
+        if spec is ENERGY_TRANSFORMER:
+            _copy_shipped_et_weights(version)
     return written
+
+
+def _copy_shipped_et_weights(version: Path) -> None:
+    shipped = SHIPPED_REPOSITORY / ENERGY_TRANSFORMER.name / "1"
+    if version.resolve() == shipped.resolve():
+        return
+    for name in ET_WEIGHTS:
+        if (shipped / name).is_file() and not (version / name).exists():
+            shutil.copyfile(shipped / name, version / name)
+
+
+def llm_exported(repository: str | Path) -> bool:
+    """True when `<repository>/llm/1/` holds a converted model."""
+    version = Path(repository) / LLM.name / "1"
+    return all((version / name).is_file() for name in LLM_FILES)
+
+
+def export_llm(repository: str | Path, gguf: str | Path | None = None, *, progress: bool = True,
+               force: bool = False) -> Path:
+    """Convert the default LM (or the `gguf` file) into `<repository>/llm/1/` as HF safetensors; a
+    no-op when it is there already, unless `force`. The files are written into a scratch folder
+    beside them and moved in place, config.json last, so an interrupted or concurrent conversion
+    never leaves a half-written model behind. Returns the model directory."""
+    from service.engines.lm.weights import convert_gguf, default_gguf_path
+
+    version = Path(repository) / LLM.name / "1"
+    if llm_exported(repository) and not force:
+        return version
+    version.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".convert-", dir=version) as scratch:
+        convert_gguf(gguf if gguf is not None else default_gguf_path(), scratch, progress=progress)
+        for name in sorted(LLM_FILES, key=lambda n: n == "config.json"):
+            os.replace(Path(scratch) / name, version / name)
+    return version
 
 
 def read_config(repository: str | Path, model: str) -> pb.ModelConfig:
@@ -160,11 +247,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size)
     parser.add_argument("--device-kind", choices=DEVICE_KINDS, default="auto",
                         help="instance_group kind: gpu when CUDA is present with auto (default)")
+    parser.add_argument("--max-running-sequences", type=int, default=defaults.max_running_sequences,
+                        help="LM decode slots of the llm model's scheduler")
+    parser.add_argument("--max-waiting-sequences", type=int, default=defaults.max_waiting_sequences,
+                        help="LM requests waiting for a slot before 429")
+    parser.add_argument("--max-context", type=int, default=defaults.max_context, help="LM context per slot")
+    parser.add_argument("--skip-llm", action="store_true",
+                        help="do not convert the default LM into <repository>/llm/1 (Triton then fails to "
+                             "load the llm model until it is there)")
 
 
 def run(args: argparse.Namespace) -> int:
     for path in export(args.model_repository, data_dir=args.data_dir, max_batch_size=args.max_batch_size,
                        max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
-                       device_kind=args.device_kind):
+                       device_kind=args.device_kind, max_running_sequences=args.max_running_sequences,
+                       max_waiting_sequences=args.max_waiting_sequences, max_context=args.max_context):
         print(path)
+    et_weights = args.model_repository / ENERGY_TRANSFORMER.name / "1"
+    if not all((et_weights / name).is_file() for name in ET_WEIGHTS):
+        print(f"note: no Energy Transformer weights in {et_weights}; write them with "
+              f"`amserve train energy-transformer --out {et_weights}`", file=sys.stderr)
+    if args.skip_llm:
+        return 0
+    if llm_exported(args.model_repository):
+        print(f"{args.model_repository / LLM.name / '1'} (already converted)")
+    else:
+        print(export_llm(args.model_repository, progress=True))
     return 0

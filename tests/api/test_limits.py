@@ -96,3 +96,24 @@ def test_full_queue_is_unavailable_over_grpc(tight_server, slow_bank):
     errors = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
     assert errors and len(errors) < len(outcomes)
     assert {e.code() for e in errors} == {grpc.StatusCode.UNAVAILABLE}
+
+
+def test_in_flight_limit_sheds_load_before_reading_bodies(tmp_path):
+    """Past --max-in-flight requests in progress, REST answers 503 + Retry-After at once."""
+    rng = np.random.default_rng(2)
+    with ServerProcess(tmp_path / "data", extra_args=["--model", "none", "--max-in-flight", "2"]) as server:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            c.put("/v1/banks/slow", json={"kind": "rbf", "dim": 64, "params": {"beta": 0.01}}).raise_for_status()
+            c.post("/v1/banks/slow/store", json={"patterns": rng.standard_normal((500, 64)).tolist()}).raise_for_status()
+        query = {"queries": [[0.1] * 64], "steps": 300, "tolerance": 1e-9}
+
+        async def flood() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+                return await asyncio.gather(*(c.post("/v1/banks/slow/retrieve", json=query) for _ in range(12)))
+
+        responses = asyncio.run(flood())
+        shed = [r for r in responses if r.status_code == 503]
+        assert shed and all(r.status_code in (200, 503) for r in responses)
+        assert all(r.headers["Retry-After"] and r.json()["error"]["code"] == "overloaded" for r in shed)
+        assert httpx.get(f"{server.url}/healthz/ready").status_code == 200  # probes are never shed
+        assert 'amserve_rejections_total{reason="in_flight_limit"}' in httpx.get(f"{server.url}/metrics").text

@@ -55,26 +55,59 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # one op, the same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 like the reference implementation, whatever the weights' dtype.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
+# oneDNN chooses its blocked weight layout for an expected number of rows; 16 serves batched
+# decode, single-sequence decode and prefill well (see loadtest/bench_generate.py).
+PACK_ROWS_HINT = 16
+
+
+def can_pack(weight: Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+class Linear(nn.Linear):
+    """nn.Linear that multiplies by a oneDNN-prepacked copy of its weight once `pack()` has run
+    (CPU, fp32). The dense weight stays the parameter (state_dict, weight tying); the packed copy
+    is a cache of it, bypassed as soon as the parameter is replaced or modified in place."""
+
+    packed: Tensor | None = None
+    _packed_from: tuple[Tensor, int] = (None, -1)  # the parameter packed and its version counter
+
+    def pack(self, enabled: bool = True) -> None:
+        self.packed = None
+        if enabled and can_pack(self.weight):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS_HINT)
+            self._packed_from = (self.weight, self.weight._version)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, version = self._packed_from
+        if self.packed is not None and weight is self.weight and version == weight._version:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 def rope_table(config: ModelConfig, device: torch.device | str | None = None) -> Tensor:
-    """cos and sin for every position, shape (max_context, 2, head_dim), in fp32."""
+    """cos and sign-folded sin for every position, shape (max_context, 2, head_dim), in fp32:
+    with them `apply_rope` needs no negation (see there)."""
     head_dim = config.attn_head_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
     angles = torch.outer(torch.arange(config.max_context, device=device).float(), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return torch.stack((angles.cos(), angles.sin()), dim=1)
+    sin = angles.sin()
+    return torch.stack((torch.cat((angles.cos(), angles.cos()), dim=-1), torch.cat((-sin, sin), dim=-1)), dim=1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, heads, T, head_dim); cos, sin: (B, 1, T, head_dim). Rotates the two halves."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    """x: (B, T, heads, head_dim); cos, sin: (B, T, 1, head_dim) from `rope_table`.
+    HF's x * cos + cat(-x2, x1) * sin, written as x * cos + cat(x2, x1) * cat(-sin, sin)
+    (the same products, bit for bit)."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 class KVCache:
@@ -105,11 +138,10 @@ class _DecodeBatch:
     """Where one decode step reads and writes the cache; shared by every layer."""
 
     cache: KVCache
-    slots: Tensor  # (B,) on device
-    positions: Tensor  # (B,) on device
-    slot_range: slice | None  # set when slots are consecutive: the cache is read as a view
+    rows: Tensor  # (B * kv_heads,): rows of a layer's cache seen as (slots * kv_heads * positions, head_dim)
+    slots: slice | Tensor  # the batch's slots: a slice when consecutive (the cache is then read as a view)
     kv_len: int  # longest prefix to attend over
-    mask: Tensor  # (B, 1, 1, kv_len): position p visible to row b iff p <= positions[b]
+    mask: Tensor | None  # (B, 1, 1, kv_len) additive: -inf past positions[b]; None when nothing is masked
 
 
 class Attention(nn.Module):
@@ -117,56 +149,55 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
         self.head_dim = config.attn_head_dim
+        self.scale = self.head_dim ** -0.5
         bias = config.arch == "gpt2"
-        self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=bias)
+        self.wqkv = Linear(config.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=bias)
+        self.wo = Linear(self.n_heads * self.head_dim, config.dim, bias=bias)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, layer: int,
                 prefill: tuple[KVCache, int] | None = None, decode: _DecodeBatch | None = None) -> Tensor:
         B, T, _ = x.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split((q_size, kv_size, kv_size), dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk, v = qkv.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=2)
+        if rope is not None:  # queries and keys rotated together
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
 
         if decode is not None:
-            y = self._decode_attention(q, k, v, layer, decode)
+            y = self._decode_attention(q, k, v, layer, decode)  # (B, 1, n_heads, head_dim)
         else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if prefill is not None:
                 cache, slot = prefill
                 cache.k[layer, slot, :, :T] = k[0]
                 cache.v[layer, slot, :, :T] = v[0]
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+                                               enable_gqa=self.n_kv_heads != self.n_heads).transpose(1, 2)
+        return self.wo(y.reshape(B, T, -1))
 
     def _decode_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, batch: _DecodeBatch) -> Tensor:
-        cache_k, cache_v = batch.cache.k[layer], batch.cache.v[layer]
-        cache_k[batch.slots, :, batch.positions] = k[:, :, 0]
-        cache_v[batch.slots, :, batch.positions] = v[:, :, 0]
-        if batch.slot_range is not None:
-            keys = cache_k[batch.slot_range, :, :batch.kv_len]
-            values = cache_v[batch.slot_range, :, :batch.kv_len]
-        else:
-            keys = cache_k[batch.slots, :, :batch.kv_len]
-            values = cache_v[batch.slots, :, :batch.kv_len]
-        # One query per sequence: the query heads sharing a kv head become that head's query
-        # rows, so grouped-query attention needs no key/value repetition.
+        """q: (B, 1, n_heads, head_dim); k, v: (B, 1, n_kv_heads, head_dim) -> (B, 1, n_heads, head_dim)."""
         B = q.shape[0]
-        group = self.n_heads // self.n_kv_heads
-        q = q.reshape(B, self.n_kv_heads, group, self.head_dim)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask)
-        return y.reshape(B, self.n_heads, 1, self.head_dim)
+        cache_k, cache_v = batch.cache.k[layer], batch.cache.v[layer]
+        cache_k.view(-1, self.head_dim).index_copy_(0, batch.rows, k.reshape(-1, self.head_dim))
+        cache_v.view(-1, self.head_dim).index_copy_(0, batch.rows, v.reshape(-1, self.head_dim))
+        keys = cache_k[batch.slots, :, :batch.kv_len]  # (B, n_kv_heads, kv_len, head_dim)
+        values = cache_v[batch.slots, :, :batch.kv_len]
+        # One query per sequence: the query heads sharing a kv head become that head's query rows,
+        # so grouped-query attention needs no key/value repetition. At these sizes two plain
+        # matmuls beat SDPA's kernels, whose set-up is made for long sequences.
+        q = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
+        scores = torch.matmul(q * self.scale, keys.transpose(-1, -2))  # (B, n_kv_heads, group, kv_len)
+        if batch.mask is not None:
+            scores += batch.mask
+        return torch.matmul(scores.softmax(dim=-1), values).view(B, 1, self.n_heads, self.head_dim)
 
 
 class GeluMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w_in = nn.Linear(config.dim, config.ffn_dim)
-        self.w_out = nn.Linear(config.ffn_dim, config.dim)
+        self.w_in = Linear(config.dim, config.ffn_dim)
+        self.w_out = Linear(config.ffn_dim, config.dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_out(F.gelu(self.w_in(x), approximate="tanh"))
@@ -175,8 +206,8 @@ class GeluMLP(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w_gate_up = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
-        self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.w_gate_up = Linear(config.dim, 2 * config.ffn_dim, bias=False)
+        self.w_down = Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
@@ -215,7 +246,7 @@ class Transformer(nn.Module):
         self.pos_embeddings = nn.Embedding(config.max_context, config.dim) if config.arch == "gpt2" else None
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = _norm(config)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size, bias=False)
         if config.tied_head:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope", rope_table(config) if config.arch == "llama" else None, persistent=False)
@@ -244,18 +275,28 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight.dtype
 
     def setup_cache(self, max_batch: int, max_context: int | None = None) -> KVCache:
-        """Allocate the KV cache once; prefill/decode then never reallocate it."""
+        """Allocate the KV cache once; prefill/decode then never reallocate it. Also packs the
+        linear weights for oneDNN (see `pack_weights`), so call it once the weights are final."""
         max_context = min(max_context or self.config.max_context, self.config.max_context)
         self.cache = KVCache(self.config, max_batch, max_context, self.device, self.dtype)
+        self.pack_weights()
         return self.cache
 
+    def pack_weights(self, enabled: bool = True) -> None:
+        """Give every linear layer a oneDNN-prepacked copy of its weight (CPU fp32; elsewhere a
+        no-op). Costs one more copy of the linear weights in memory; `enabled=False` drops them."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack(enabled)
+
     def _embed(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """tokens, positions: (B, T) -> hidden states (B, T, dim) and the RoPE (cos, sin) to use."""
+        """tokens, positions: (B, T) -> hidden states (B, T, dim) and the RoPE (cos, sin) to use,
+        each (B, T, 1, head_dim)."""
         x = self.tok_embeddings(tokens)
         if self.pos_embeddings is not None:
             return x + self.pos_embeddings(positions), None
         table = self.rope[positions]  # (B, T, 2, head_dim)
-        return x, (table[:, None, :, 0], table[:, None, :, 1])
+        return x, (table[:, :, None, 0], table[:, :, None, 1])
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor) -> Tensor:
@@ -285,17 +326,23 @@ class Transformer(nn.Module):
         if self.cache is None:
             raise RuntimeError("call setup_cache() before decode()")
         slots, positions = list(slots), list(positions)
-        device = tokens.device
-        kv_len = max(positions) + 1
-        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        device, cache = tokens.device, self.cache
+        B, kv_heads, kv_len = len(slots), self.config.n_kv_heads, max(positions) + 1
         pos = torch.tensor(positions, device=device)
+        rows = [(slot * kv_heads + head) * cache.max_context + position
+                for slot, position in zip(slots, positions) for head in range(kv_heads)]
+        mask = None
+        if min(positions) != kv_len - 1:  # some sequences are shorter than the longest: hide what lies past them
+            hidden = torch.arange(kv_len, device=device) > pos[:, None]
+            mask = torch.zeros(B, 1, 1, kv_len, device=device, dtype=self.dtype).masked_fill_(
+                hidden.view(B, 1, 1, kv_len), float("-inf"))
+        consecutive = slots == list(range(slots[0], slots[0] + B))
         batch = _DecodeBatch(
-            cache=self.cache,
-            slots=torch.tensor(slots, device=device),
-            positions=pos,
-            slot_range=slice(slots[0], slots[0] + len(slots)) if consecutive else None,
+            cache=cache,
+            rows=torch.tensor(rows, device=device),
+            slots=slice(slots[0], slots[0] + B) if consecutive else torch.tensor(slots, device=device),
             kv_len=kv_len,
-            mask=(torch.arange(kv_len, device=device) <= pos[:, None]).view(len(slots), 1, 1, kv_len),
+            mask=mask,
         )
         x, rope = self._embed(tokens.view(-1, 1), pos.view(-1, 1))
         for block in self.layers:

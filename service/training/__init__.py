@@ -1,0 +1,1 @@
+"""Training scripts whose small outputs ship in model_repository."""

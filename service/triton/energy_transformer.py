@@ -1,0 +1,92 @@
+"""The `energy_transformer` Triton model: its wire format and its request handling.
+
+One request is one image, a batch item of size 1 (so Triton's `max_batch_size` counts requests).
+Inputs, without the batch dimension:
+
+    IMAGE         FP32  [H, W]   pixels in [0, 1]; values under the mask are ignored (ragged)
+    MISSING       BOOL  [H, W]   True = unknown pixel, to be completed (ragged)
+    STEPS         INT32 [1]      dynamics steps (optional; the model's default when absent)
+
+Outputs: IMAGE FP32 [H, W] (known pixels copied, missing ones completed) and ENERGY_TRACE FP32
+[steps + 1]. Shapes are checked by the model, not by Triton, so a wrong size fails with the engine's
+own message naming the field (the JSON error of service/triton/wire.py), as over the embedded backend.
+
+`ImageCompletion.execute` is everything model.py's execute does, without pb_utils: like the embedded
+backend's micro-batcher it checks every request alone, then runs ONE `complete` per distinct steps
+value over all checked images, in float32 on the instance's device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from service.engines.energy_transformer import EnergyTransformer
+from service.errors import InvalidArgument
+
+MODEL_NAME = "energy_transformer"
+INPUT_NAMES = ("IMAGE", "MISSING", "STEPS")
+
+Outputs = dict[str, np.ndarray]
+
+
+class ImageCompletion:
+    """Answers a batch of requests, each given as its inputs without the batch dimension."""
+
+    def __init__(self, model: EnergyTransformer):
+        self.model = model
+
+    def execute(self, requests: list[dict[str, np.ndarray | None]]) -> list[Outputs | Exception]:
+        """One answer per request, in order: its outputs, or the exception it failed with (a
+        ServiceError, or any other exception for a bug, which model.py logs)."""
+        answers: list[Outputs | Exception | None] = [None] * len(requests)
+        groups: dict[int | None, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        for index, inputs in enumerate(requests):
+            try:
+                images, missing, steps = _request(inputs)
+                self.model.check_inputs(images, missing, steps)  # a bad request fails alone, not its batch
+                groups.setdefault(steps, []).append((index, images, missing))
+            except Exception as exc:
+                answers[index] = exc
+        for steps, members in groups.items():
+            try:
+                completed, trace = self.model.complete(torch.cat([m[1] for m in members]),
+                                                       torch.cat([m[2] for m in members]), steps=steps)
+                for (index, _, _), image, energies in zip(members, completed.cpu().numpy(), trace.cpu().numpy()):
+                    answers[index] = {"IMAGE": image, "ENERGY_TRACE": energies}
+            except Exception as exc:  # as in the embedded backend, a failed batch fails all its requests
+                for index, _, _ in members:
+                    answers[index] = exc
+        return answers
+
+
+def _request(inputs: dict[str, np.ndarray | None]) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """One request's images (1×H×W float32), mask (1×H×W bool) and steps."""
+    image, missing, steps = inputs["IMAGE"], inputs["MISSING"], inputs["STEPS"]
+    if image is None:
+        raise InvalidArgument("image is required", field="image")
+    if missing is None:
+        raise InvalidArgument("mask is required", field="mask")
+    if steps is not None:
+        if steps.size != 1:
+            raise InvalidArgument("steps must be one integer", field="steps")
+        steps = int(steps.reshape(-1)[0])
+    images = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None])
+    return images, torch.from_numpy(np.ascontiguousarray(missing)[None]), steps
+
+
+# ----- the gateway's side ---------------------------------------------------------------------
+
+
+def request_arrays(image: np.ndarray, missing: np.ndarray, steps: int | None) -> dict[str, np.ndarray]:
+    """The inputs of one request, batch dimension included, as the model reads them."""
+    arrays = {"IMAGE": np.ascontiguousarray(image, dtype=np.float32)[None],
+              "MISSING": np.ascontiguousarray(missing, dtype=np.bool_)[None]}
+    if steps is not None:
+        arrays["STEPS"] = np.array([[steps]], dtype=np.int32)
+    return arrays
+
+
+def decode_answer(image: np.ndarray, trace: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """float32 outputs (without batch dimension) to the embedded backend's (image, trace.tolist())."""
+    return image, trace.tolist()

@@ -1,0 +1,177 @@
+"""The `llm` Triton model: its wire format and its request handling.
+
+A decoupled model: one request is one generation and gets any number of responses. Inputs, without
+the batch dimension (each request is one batch item):
+
+    PROMPT   BYTES [1]   the prompt, UTF-8
+    PARAMS   BYTES [1]   JSON object: max_tokens, temperature, top_k, top_p, seed, stop, logprobs
+                         (SamplingParams' fields, all optional) and timeout (seconds, optional)
+
+Output TOKEN BYTES [1]: one JSON event per response, the dicts the embedded backend yields —
+{"type": "token", "token_id", "text", "logprobs"} per token, then {"type": "finish", "finish_reason",
+"text", "usage", "error"}, sent with TRITONSERVER_RESPONSE_COMPLETE_FINAL. A request refused at
+submission (bad parameters, a prompt longer than the context, a full waiting queue) gets one final
+error response instead, with the JSON error of service/triton/wire.py.
+
+`TextGeneration` is everything model.py does, without pb_utils: the continuous-batching Scheduler
+(one per model instance) runs the generations; model.py hands each request over with a `Stream`,
+its response sender. A stream that Triton reports cancelled (the client closed its gRPC stream) is
+noticed at its next token and cancelled in the scheduler, which frees its slot at the next step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.engines.lm import FinishEvent, GenerationRequest, RequestHandle, SamplingParams, Scheduler, TokenEvent
+from service.engines.lm.tokenizer import Tokenizer
+from service.errors import InvalidArgument
+from service.triton.wire import text_value
+
+MODEL_NAME = "llm"
+INPUT_NAMES = ("PROMPT", "PARAMS")
+DEFAULT_NAME = "smollm2-135m-instruct"  # the default model's served name, as over the embedded backend
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+# Config parameters (written by `amserve export`): the served name and the scheduler's limits.
+PARAMETERS = ("served_model_name", "max_running_sequences", "max_waiting_sequences", "max_context")
+
+
+class Stream(Protocol):
+    """One request's responses: model.py implements it with the request's response sender."""
+
+    def send(self, event: dict, final: bool) -> None: ...
+
+    def fail(self, error: BaseException) -> None:
+        """The request's one and final response: an error."""
+        ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+# ----- requests and events ---------------------------------------------------------------------
+
+
+def parse_request(prompt: np.ndarray | None, params: np.ndarray | None) -> GenerationRequest:
+    """The scheduler's request from the two inputs; InvalidArgument naming the field otherwise."""
+    if prompt is None:
+        raise InvalidArgument("prompt is required", field="prompt")
+    text = prompt.reshape(-1)[0] if prompt.size == 1 else None
+    if not isinstance(text, (bytes, str)):
+        raise InvalidArgument("prompt must be one string", field="prompt")
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "surrogatepass")
+    try:
+        values = json.loads(text_value(params)) if params is not None else {}
+    except ValueError:
+        values = None
+    if not isinstance(values, dict):
+        raise InvalidArgument("PARAMS must be a JSON object", field="params")
+    timeout = values.pop("timeout", None)
+    unknown = sorted(set(values) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise InvalidArgument(f"unknown generation parameter {unknown[0]!r}", field=unknown[0])
+    if "stop" in values and not isinstance(values["stop"], (list, tuple)):
+        raise InvalidArgument("stop must be a list of strings", field="stop")
+    sampling = SamplingParams(**values)  # validates, naming the field
+    if timeout is not None and (not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0):
+        raise InvalidArgument("timeout must be a positive number of seconds", field="timeout")
+    return GenerationRequest(text, sampling, None if timeout is None else time.monotonic() + timeout)
+
+
+def event_payload(event: TokenEvent | FinishEvent, tokenizer: Tokenizer) -> dict:
+    """The embedded backend's event dict, logprobs with their token strings."""
+    if isinstance(event, FinishEvent):
+        return {"type": "finish", "finish_reason": event.finish_reason, "text": event.text, "error": event.error,
+                "usage": {"prompt_tokens": event.usage.prompt_tokens,
+                          "completion_tokens": event.usage.completion_tokens}}
+    logprobs = None
+    if event.logprobs is not None:
+        token = tokenizer.decode
+        logprobs = {"token": token([event.token_id]), "token_id": event.token_id, "logprob": event.logprobs.logprob,
+                    "top": [{"token": token([i]), "token_id": i, "logprob": lp} for i, lp in event.logprobs.top]}
+    return {"type": "token", "token_id": event.token_id, "text": event.text, "logprobs": logprobs}
+
+
+# ----- the model's request handling ------------------------------------------------------------
+
+
+class _Generation:
+    def __init__(self, stream: Stream):
+        self.stream = stream
+        self.handle: RequestHandle | None = None
+        self.cancelled = False
+
+
+class TextGeneration:
+    def __init__(self, scheduler: Scheduler, name: str = DEFAULT_NAME):
+        self.scheduler = scheduler
+        self.name = name
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str, parameters: dict[str, str]) -> TextGeneration:
+        """The HF directory `amserve export` converts the model into, with the config's parameters."""
+        from service.engines.lm.weights import load_model
+
+        model, tokenizer = load_model(directory, device)
+        scheduler = Scheduler(model, tokenizer, max_batch_size=int(parameters["max_running_sequences"]),
+                              max_waiting=int(parameters["max_waiting_sequences"]),
+                              max_context=int(parameters["max_context"]))
+        return cls(scheduler, parameters.get("served_model_name") or DEFAULT_NAME)
+
+    def start(self, inputs: dict[str, np.ndarray | None], stream: Stream) -> None:
+        """Submit one request; its events go to `stream` from the scheduler's thread. A refusal is
+        the stream's one (error) response."""
+        generation = _Generation(stream)
+        try:
+            request = parse_request(inputs.get("PROMPT"), inputs.get("PARAMS"))
+            handle = self.scheduler.submit(request, lambda event: self._on_event(generation, event))
+        except Exception as exc:  # every refusal, bugs included, is this request's answer alone
+            stream.fail(exc)
+            return
+        generation.handle = handle
+        if generation.cancelled:  # noticed by the scheduler's thread before submit returned
+            self.scheduler.cancel(handle)
+
+    def _on_event(self, generation: _Generation, event: TokenEvent | FinishEvent) -> None:
+        if isinstance(event, FinishEvent):
+            # Sent even to a cancelled stream: the final flag is what releases the request in Triton.
+            generation.stream.send(event_payload(event, self.scheduler.tokenizer), final=True)
+            return
+        if generation.cancelled or generation.stream.is_cancelled():
+            generation.cancelled = True
+            if generation.handle is not None:
+                self.scheduler.cancel(generation.handle)
+            return
+        generation.stream.send(event_payload(event, self.scheduler.tokenizer), final=False)
+
+    def card(self) -> dict[str, Any]:
+        return {"context": self.scheduler.max_context, "running_slots": self.scheduler.max_batch_size}
+
+    def close(self) -> None:
+        """Stop the scheduler; unfinished generations end with finish_reason "cancelled"."""
+        self.scheduler.close()
+
+
+# ----- the gateway's side ---------------------------------------------------------------------
+
+
+def request_arrays(prompt: str, params: SamplingParams, timeout: float | None) -> dict[str, np.ndarray]:
+    """The inputs of one request, batch dimension included, as the model reads them."""
+    values: dict[str, Any] = asdict(params)
+    values["stop"] = list(params.stop)
+    if timeout is not None:
+        values["timeout"] = timeout
+    return {"PROMPT": np.array([[prompt.encode("utf-8", "surrogatepass")]], dtype=np.object_),
+            "PARAMS": np.array([[json.dumps(values).encode("utf-8")]], dtype=np.object_)}
+
+
+def decode_event(token: np.ndarray) -> dict:
+    """A TOKEN output (batch dimension included) back to the event dict."""
+    return json.loads(token.reshape(-1)[0])
