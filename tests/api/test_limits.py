@@ -105,7 +105,8 @@ def test_in_flight_limit_sheds_load_before_reading_bodies(tmp_path):
         with httpx.Client(base_url=server.url, timeout=60) as c:
             c.put("/v1/banks/slow", json={"kind": "rbf", "dim": 64, "params": {"beta": 0.01}}).raise_for_status()
             c.post("/v1/banks/slow/store", json={"patterns": rng.standard_normal((500, 64)).tolist()}).raise_for_status()
-        query = {"queries": [[0.1] * 64], "steps": 300, "tolerance": 1e-9}
+        # tiny steps: thousands of them, each lowering the energy, so each request takes a while
+        query = {"queries": [[0.1] * 64], "steps": 3000, "step_size": 1e-3, "tolerance": 1e-12}
 
         async def flood() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
