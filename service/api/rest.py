@@ -226,9 +226,8 @@ def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024, api_
     async def complete(bank: str, body: schemas.CompleteRequest, caller: str | None = Tenant):
         return await ops.complete(caller, bank, body)
 
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.add_middleware(Measured)
-    @app.post("/v1/complete", dependencies=[Tenant], response_model=schemas.CompleteImageResponse, responses=ERRORS, tags=["models"])
+    @app.post("/v1/complete", dependencies=[Tenant], response_model=schemas.CompleteImageResponse,
+              responses=ERRORS, tags=["models"])
     async def complete_image(body: schemas.CompleteImageRequest):
         return await ops.complete_image(body)
 
@@ -255,4 +254,7 @@ def create_app(backend: Backend, *, max_body_bytes: int = 64 * 1024 * 1024, api_
     async def models():
         return await ops.models()
 
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(Measured)
+    app.add_middleware(AdmissionLimit, max_in_flight=max_in_flight)  # outermost: sheds before any work
     return app
