@@ -25,13 +25,13 @@ def fuzzed_server(tmp_path_factory):
         yield proc
 
 
-def test_no_generated_request_causes_a_server_error(fuzzed_server):
+def test_no_generated_request_causes_a_server_error(fuzzed_server, tmp_path):
     cli = Path(sys.executable).with_name("schemathesis")
     result = subprocess.run(
         [str(cli), "run", f"{fuzzed_server.url}/openapi.json", "--checks", "not_a_server_error",
          "--max-examples", "30", "--seed", "7", "--request-timeout", "60",
          "--phases", "examples,coverage,fuzzing"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     summary = result.stdout[-4000:]
     assert result.returncode == 0, summary
     generated = re.search(r"(\d+) generated", summary)
