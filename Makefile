@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SERVE_ARGS ?=
 
-.PHONY: setup serve test bench proto clean
+BACKEND ?= embedded
+ARGS ?=
+
+.PHONY: setup serve test bench loadtest proto clean
 
 setup: $(STAMP) service/api/pb/amserve_pb2.py
 
@@ -32,6 +35,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python loadtest/bench_retrieve.py
+
+# Locust in its own process against a local service; fails on the thresholds given in ARGS.
+loadtest: setup
+	$(BIN)/python loadtest/run_locust.py --backend $(BACKEND) $(ARGS)
 
 clean:
 	rm -rf $(VENV) service/api/pb/amserve_pb2*.py
