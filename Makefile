@@ -33,8 +33,14 @@ serve: setup
 test: setup
 	$(BIN)/pytest -q -rs
 
+# Every benchmark, then one report.json with all figures and the plots (loadtest/results/).
 bench: setup
 	$(BIN)/python loadtest/bench_retrieve.py
+	$(BIN)/python loadtest/bench_complete.py
+	$(BIN)/python loadtest/bench_drdam_scaling.py
+	$(BIN)/python loadtest/bench_generate.py
+	$(BIN)/python loadtest/overload.py
+	$(BIN)/python loadtest/report.py
 
 # Locust in its own process against a local service; fails on the thresholds given in ARGS.
 loadtest: setup

@@ -9,7 +9,10 @@ Banks (built straight into the data dir through the registry, so set-up does not
 matching run (read from its /metrics), so the ratio REST / raw shows what the gateway costs.
 Every figure is measured in this one run; results go to loadtest/results/retrieve.json.
 
+Via Triton: the same REST/gRPC requests with `--backend triton` (Triton's own dynamic batcher).
+
     python loadtest/bench_retrieve.py [--seconds 4] [--clients 1,8,64] [--banks small,large,drdam]
+                                      [--backends embedded,triton]
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import asyncio
 import json
 import platform
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +40,7 @@ from service.api.pb import amserve_pb2_grpc as pb_grpc  # noqa: E402
 from service.engines.memory.persistence import SQLiteStore  # noqa: E402
 from service.engines.memory.registry import BankRegistry, DynamicsOptions  # noqa: E402
 from service.harness import ServerProcess  # noqa: E402
+from loadtest.load import drive  # noqa: E402
 
 BANKS = {
     "small": {"kind": "modern", "dim": 64, "count": 10_000, "params": {"beta": 1.0}},
@@ -64,39 +67,6 @@ def queries_for(name: str, n: int = 256) -> np.ndarray:
     rng = np.random.default_rng(1)
     q = rng.standard_normal((n, BANKS[name]["dim"])).astype(np.float32)
     return q / np.linalg.norm(q, axis=1, keepdims=True) * 4
-
-
-def summarize(latencies: list[float], seconds: float) -> dict:
-    ordered = sorted(latencies)
-    return {
-        "requests": len(ordered),
-        "throughput_rps": len(ordered) / seconds,
-        "p50_ms": 1e3 * statistics.median(ordered) if ordered else None,
-        "p99_ms": 1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None,
-    }
-
-
-async def drive(call, clients: int, seconds: float, warmup: float = 0.5) -> dict:
-    """`clients` closed-loop workers calling `call(i)` until the clock runs out; bounded by time."""
-    latencies: list[float] = []
-    errors = 0
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup, start + warmup + seconds
-
-    async def worker(w: int) -> None:
-        nonlocal errors
-        i = w
-        while (now := time.perf_counter()) < stop_at:
-            try:
-                await call(i)
-            except Exception:  # noqa: BLE001 - counted, reported
-                errors += 1
-            if now >= measure_from:
-                latencies.append(time.perf_counter() - now)
-            i += clients
-
-    await asyncio.gather(*(worker(w) for w in range(clients)))
-    return {**summarize(latencies, seconds), "errors": errors}
 
 
 def batch_rows(metrics_text: str) -> tuple[float, float]:
@@ -145,6 +115,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per cell")
     parser.add_argument("--clients", default="1,8,64")
     parser.add_argument("--banks", default="small,large,drdam")
+    parser.add_argument("--backends", default="embedded,triton", help="triton adds REST/gRPC via Triton")
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest/results/retrieve.json")
     args = parser.parse_args()
     clients_list = [int(c) for c in args.clients.split(",")]
@@ -157,8 +128,12 @@ def main() -> int:
     results: dict = {"machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
                                  "torch": torch.__version__}, "steps": STEPS, "seconds": args.seconds, "cells": []}
 
-    for batching, batch_args in (("on", ["--max-batch-size", "64"]), ("off", ["--max-batch-size", "1"])):
-        with ServerProcess(work / "data", extra_args=batch_args + ["--max-queue-size", "4096"]) as server:
+    setups = [("embedded", "on", ["--max-batch-size", "64"]), ("embedded", "off", ["--max-batch-size", "1"])]
+    if "triton" in args.backends.split(","):
+        setups.append(("triton", "on", []))  # Triton's batcher: the knobs in model_repository/*/config.pbtxt
+    for backend, batching, batch_args in setups:
+        extra = batch_args + ["--max-queue-size", "4096", "--max-in-flight", "4096", "--model", "none"]
+        with ServerProcess(work / "data", backend=backend, extra_args=extra) as server:
             for bank in bank_names:
                 queries = queries_for(bank)
                 for transport, runner in (("rest", run_rest), ("grpc", run_grpc)):
@@ -167,10 +142,10 @@ def main() -> int:
                         cell = asyncio.run(runner(server, bank, queries, clients, args.seconds))
                         after = batch_rows(httpx.get(f"{server.url}/metrics").text)
                         calls = after[1] - before[1]
-                        cell.update(bank=bank, transport=transport, batching=batching, clients=clients,
-                                    mean_batch_rows=(after[0] - before[0]) / calls if calls else None)
+                        cell.update(bank=bank, backend=backend, transport=transport, batching=batching,
+                                    clients=clients, mean_batch_rows=(after[0] - before[0]) / calls if calls else None)
                         results["cells"].append(cell)
-                        print(f"{bank:6} {transport:4} batching={batching:3} clients={clients:3} "
+                        print(f"{bank:6} {backend:8} {transport:4} batching={batching:3} clients={clients:3} "
                               f"{cell['throughput_rps']:8.1f} req/s  p50 {cell['p50_ms']:7.2f} ms  "
                               f"p99 {cell['p99_ms']:7.2f} ms  batch≈{cell['mean_batch_rows'] or 0:5.1f}  "
                               f"errors {cell['errors']}", flush=True)
@@ -180,16 +155,16 @@ def main() -> int:
     for bank in bank_names:
         queries = queries_for(bank)
         for clients in clients_list:
-            cell = next(c for c in results["cells"] if (c["bank"], c["transport"], c["batching"], c["clients"])
-                        == (bank, "rest", "on", clients))
+            cell = next(c for c in results["cells"] if (c["bank"], c["backend"], c["transport"], c["batching"],
+                                                        c["clients"]) == (bank, "embedded", "rest", "on", clients))
             batch = max(1, round(cell["mean_batch_rows"] or 1))
             raw[f"{bank}/{clients}"] = run_raw(registry, bank, queries, batch, args.seconds)
             print(f"{bank:6} raw engine batch={batch:3} {raw[f'{bank}/{clients}']['throughput_qps']:8.1f} q/s", flush=True)
     results["raw_engine"] = raw
 
-    def rate(bank: str, transport: str, batching: str, clients: int) -> float:
-        return next(c["throughput_rps"] for c in results["cells"]
-                    if (c["bank"], c["transport"], c["batching"], c["clients"]) == (bank, transport, batching, clients))
+    def rate(bank: str, transport: str, batching: str, clients: int, backend: str = "embedded") -> float:
+        return next(c["throughput_rps"] for c in results["cells"] if (c["bank"], c["backend"], c["transport"],
+                    c["batching"], c["clients"]) == (bank, backend, transport, batching, clients))
 
     top = max(clients_list)
     ratios = {}
@@ -201,8 +176,13 @@ def main() -> int:
             f"rest_over_raw_{top}": rate(bank, "rest", "on", top) / raw_top,
             f"grpc_over_raw_{top}": rate(bank, "grpc", "on", top) / raw_top,
         }
+        if any(c["backend"] == "triton" for c in results["cells"]):
+            ratios[bank][f"triton_rest_over_raw_{top}"] = rate(bank, "rest", "on", top, "triton") / raw_top
+            ratios[bank][f"triton_rest_over_embedded_rest_{top}"] = (rate(bank, "rest", "on", top, "triton")
+                                                                      / rate(bank, "rest", "on", top))
     results["ratios"] = ratios
-    results["targets_large_bank"] = {"batching_on_over_off": ">= 5", "rest_over_raw": ">= 0.85", "grpc_over_raw": ">= 0.90"}
+    results["targets_large_bank"] = {"batching_on_over_off": ">= 5", "rest_over_raw": ">= 0.85",
+                                     "grpc_over_raw": ">= 0.90", "triton_rest_over_raw": ">= 0.75"}
     print(json.dumps(ratios, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

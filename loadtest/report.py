@@ -1,0 +1,116 @@
+"""Benchmark report: gathers loadtest/results/*.json into one report.json and draws the plots.
+
+    python loadtest/report.py            # after the bench_*.py scripts (`make bench` runs them all)
+
+Plots (PNG, loadtest/results/): retrieve throughput vs concurrency per backend and transport,
+batching on vs off (retrieve and image completion), DrDAM vs exact latency and memory as the number of
+stored patterns grows, decode tokens/s vs concurrent streams.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def plot_retrieve(data: dict) -> list[str]:
+    written = []
+    for bank in sorted({c["bank"] for c in data["cells"]}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (backend, transport, batching) in sorted({(c["backend"], c["transport"], c["batching"])
+                                                      for c in data["cells"] if c["bank"] == bank}):
+            cells = sorted((c for c in data["cells"] if (c["bank"], c["backend"], c["transport"], c["batching"])
+                            == (bank, backend, transport, batching)), key=lambda c: c["clients"])
+            ax.plot([c["clients"] for c in cells], [c["throughput_rps"] for c in cells], marker="o",
+                    label=f"{backend} {transport} batching {batching}")
+        raw = {int(k.split("/")[1]): v["throughput_qps"] for k, v in data.get("raw_engine", {}).items()
+               if k.startswith(f"{bank}/")}
+        if raw:
+            ax.plot(sorted(raw), [raw[k] for k in sorted(raw)], "k--", label="raw engine (same batches)")
+        ax.set(xscale="log", xlabel="concurrent clients", ylabel="requests / s", title=f"retrieve, {bank} bank")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"retrieve_{bank}.png"
+        fig.savefig(RESULTS / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def plot_complete(data: dict) -> list[str]:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for batching in ("on", "off"):
+        cells = sorted((c for c in data["cells"] if c["batching"] == batching), key=lambda c: c["clients"])
+        ax.plot([c["clients"] for c in cells], [c["throughput_rps"] for c in cells], marker="o",
+                label=f"batching {batching}")
+    ax.set(xscale="log", xlabel="concurrent clients", ylabel="images / s", title="Energy Transformer completion")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "complete.png", dpi=120)
+    plt.close(fig)
+    return ["complete.png"]
+
+
+def plot_drdam(data: dict) -> list[str]:
+    rows = data["rows"]
+    counts = [r["patterns"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind in ("rbf", "drdam"):
+        left.plot(counts, [r[kind]["latency_ms"] for r in rows], marker="o", label=kind)
+        right.plot(counts, [r[kind]["bytes"] / 2**20 for r in rows], marker="o", label=kind)
+    left.set(xscale="log", yscale="log", xlabel="stored patterns", ylabel="ms per query (median)",
+             title=f"retrieve latency, D={data['dim']}, {data['steps']} steps")
+    right.set(xscale="log", yscale="log", xlabel="stored patterns", ylabel="MiB", title="serving memory")
+    left.legend()
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "drdam_scaling.png", dpi=120)
+    plt.close(fig)
+    return ["drdam_scaling.png"]
+
+
+def plot_generate(data: dict) -> list[str]:
+    curve = data.get("streams_curve")
+    if not curve:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["streams"] for p in curve], [p["tokens_per_s"] for p in curve], marker="o", label="amserve")
+    ax.set(xlabel="concurrent streams", ylabel="generated tokens / s", title="decode throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "generate_streams.png", dpi=120)
+    plt.close(fig)
+    return ["generate_streams.png"]
+
+
+def main() -> int:
+    report: dict = {"plots": []}
+    for name, plot in (("retrieve", plot_retrieve), ("complete", plot_complete),
+                       ("drdam_scaling", plot_drdam), ("generate", plot_generate), ("overload", None)):
+        data = load(name)
+        if data is None:
+            print(f"no {name}.json: run loadtest/bench_{name}.py first", file=sys.stderr)
+            continue
+        report[name] = data
+        if plot is not None:
+            report["plots"] += plot(data)
+    (RESULTS / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {RESULTS / 'report.json'} and {', '.join(report['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
