@@ -83,13 +83,19 @@ def plot_drdam(data: dict) -> list[str]:
 
 
 def plot_generate(data: dict) -> list[str]:
-    curve = data.get("streams_curve")
-    if not curve:
-        return []
+    """Decode tokens/s at 1 stream and at N concurrent streams, ours vs HF, per thread setting."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["streams"] for p in curve], [p["tokens_per_s"] for p in curve], marker="o", label="amserve")
-    ax.set(xlabel="concurrent streams", ylabel="generated tokens / s", title="decode throughput")
-    ax.legend()
+    for run in data["runs"]:
+        streams = [1, run["concurrent"]["streams"]]
+        ours = [run["single_stream"]["ours_scheduler"]["decode_tok_s_median"],
+                run["concurrent"]["ours"]["aggregate_tok_s_median"]]
+        hf = [run["single_stream"]["hf_generate"]["decode_tok_s_median"],
+              run["concurrent"]["hf_static"]["aggregate_tok_s_median"]]
+        ax.plot(streams, ours, marker="o", label=f"amserve scheduler, {run['threads']} thread(s)")
+        ax.plot(streams, hf, marker="s", linestyle="--", label=f"HF generate, {run['threads']} thread(s)")
+    ax.set(xscale="log", xlabel="concurrent streams", ylabel="generated tokens / s",
+           title="decode throughput (HF: static batch)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "generate_streams.png", dpi=120)
     plt.close(fig)
