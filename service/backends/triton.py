@@ -125,9 +125,10 @@ class TritonBackend:
     async def models(self) -> list[dict]:
         memory, image, text = await asyncio.gather(
             self.ready(), self._model_ready(et_wire.MODEL_NAME), self._model_ready(llm_wire.MODEL_NAME))
+        image_config = self._image_config()
         cards = [{"id": "associative-memory", "task": "retrieve", "ready": memory, "details": {"kinds": sorted(KINDS)}},
-                 {"id": "energy-transformer", "task": "image-completion", "ready": image,
-                  "details": self._image_details()}]
+                 {"id": "energy-transformer", "task": "image-completion", "ready": image and image_config is not False,
+                  "details": {"image_size": image_config.get("image_size", 8)} if image_config else {}}]
         parameters = await self._llm_parameters() if text else None
         if parameters is not None:
             cards.append({"id": parameters["served_model_name"], "task": "text-generation", "ready": True,
@@ -135,16 +136,18 @@ class TritonBackend:
                                       "running_slots": int(parameters["max_running_sequences"])}})
         return cards
 
-    def _image_details(self) -> dict:
-        """The image size, where this backend launched Triton and so can read the model's config."""
+    def _image_config(self) -> dict | bool | None:
+        """The Energy Transformer's et_config.json where this backend launched Triton on a local
+        repository, False if its weights are missing there (the model then answers 503), None when
+        the repository is not local."""
         if self.server is None:
-            return {}
+            return None
+        version = Path(self.server.model_repository) / et_wire.MODEL_NAME / "1"
         try:
-            config = json.loads((Path(self.server.model_repository) / et_wire.MODEL_NAME / "1" / "et_config.json")
-                                .read_text())
+            config = json.loads((version / "et_config.json").read_text())
         except (OSError, ValueError):
-            return {}
-        return {"image_size": config.get("image_size", 8)} if isinstance(config, dict) else {}
+            return False
+        return config if isinstance(config, dict) and (version / "model.safetensors").is_file() else False
 
     async def _llm_parameters(self) -> dict[str, str] | None:
         """The llm model's config parameters (served name, scheduler limits), read once."""
@@ -170,29 +173,32 @@ class TritonBackend:
         return et_wire.decode_answer(answer.as_numpy("IMAGE")[0], answer.as_numpy("ENERGY_TRACE")[0])
 
     async def generate(self, prompt: str, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
-        """The generation's events, from a gRPC stream of its own. The request is sent now; a refusal
-        (a too-long prompt, a full queue) arrives as the stream's first answer, so it is raised by the
-        first `anext`, before any token, as the API layer expects of any backend."""
+        """The generation's events, from a gRPC stream of its own to the decoupled `llm` model.
+
+        Triton answers a refusal (a too-long prompt, a full queue) as the stream's first response, so
+        it is raised by the first `anext`, before any token; the API layer takes that first event
+        before it answers. The stream opens at that first `anext`: an event stream never iterated
+        sends nothing and holds nothing."""
         if self._client is None:
             raise Unavailable("the Triton backend is not started")
         arrays = llm_wire.request_arrays(prompt, params, deadline)
         request = {"model_name": llm_wire.MODEL_NAME, "outputs": [InferRequestedOutput("TOKEN")],
                    "inputs": [_batch_input(name, arrays[name], "BYTES") for name in llm_wire.INPUT_NAMES]}
-        sent = asyncio.Event()  # set once the answers are over: ends the request stream (half-close)
+        return self._events(self._client, request)
+
+    async def _events(self, client: triton_aio.InferenceServerClient, request: dict) -> AsyncIterator[dict]:
+        answered = asyncio.Event()  # ends the request stream (a half-close) once the answers are over
 
         async def requests():
             yield request
-            await sent.wait()
+            await answered.wait()
 
         try:
-            responses = self._client.stream_infer(requests(), stream_timeout=self.request_timeout)
+            responses = client.stream_infer(requests())
         except InferenceServerException as exc:
             raise generation_error(service_error(exc, llm_wire.MODEL_NAME)) from None
-        self._generations["waiting"] += 1
-        return self._events(responses, sent)
-
-    async def _events(self, responses, sent: asyncio.Event) -> AsyncIterator[dict]:
         state, finished = "waiting", False
+        self._generations[state] += 1
         try:
             while not finished:
                 try:
@@ -201,7 +207,8 @@ class TritonBackend:
                     raise Unavailable("Triton ended the generation stream before its last event") from None
                 except grpc.RpcError as exc:
                     raise Unavailable(f"Triton cannot serve {llm_wire.MODEL_NAME} now: {exc.details()}") from None
-                if error is not None:
+                if error is not None:  # an error response is the stream's last
+                    finished = True
                     raise generation_error(service_error(error, llm_wire.MODEL_NAME))
                 event = llm_wire.decode_event(result.as_numpy("TOKEN"))
                 finished = event["type"] == "finish"
@@ -212,7 +219,7 @@ class TritonBackend:
                 yield event
         finally:
             self._generations[state] -= 1
-            sent.set()
+            answered.set()
             if not finished:  # the consumer went away (or Triton failed): cancel the gRPC stream
                 responses.cancel()
 

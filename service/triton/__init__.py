@@ -1,2 +1,3 @@
-"""Triton Inference Server: the model repository (`export`), the bundled server (`launcher`) and the
-`associative_memory` model's request handling (`associative_memory`)."""
+"""Triton Inference Server: the model repository (`export`), the bundled server (`launcher`), the
+models' wire formats and request handling (`associative_memory`, `energy_transformer`, `llm`, shared
+pieces in `wire`); the model.py files under templates/ are thin adapters around them."""

@@ -14,6 +14,9 @@ own message naming the field (the JSON error of service/triton/wire.py), as over
 `ImageCompletion.execute` is everything model.py's execute does, without pb_utils: like the embedded
 backend's micro-batcher it checks every request alone, then runs ONE `complete` per distinct steps
 value over all checked images, in float32 on the instance's device.
+
+Without its weights files the model still loads and answers every request 503 Unavailable, as the
+embedded backend does: a missing Energy Transformer does not take the banks and the LM down with it.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pathlib import Path
+
+from service.engines import energy_transformer
 from service.engines.energy_transformer import EnergyTransformer
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, Unavailable
 
 MODEL_NAME = "energy_transformer"
 INPUT_NAMES = ("IMAGE", "MISSING", "STEPS")
@@ -33,12 +39,24 @@ Outputs = dict[str, np.ndarray]
 class ImageCompletion:
     """Answers a batch of requests, each given as its inputs without the batch dimension."""
 
-    def __init__(self, model: EnergyTransformer):
+    def __init__(self, model: EnergyTransformer | None, missing: str = ""):
         self.model = model
+        self.missing = missing  # why there is no model
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str) -> ImageCompletion:
+        """The weights beside model.py; without them, an instance that answers 503 (see `missing`)."""
+        directory = Path(directory)
+        if not all((directory / name).is_file() for name in (energy_transformer.CONFIG_FILE,
+                                                              energy_transformer.WEIGHTS_FILE)):
+            return cls(None, f"energy-transformer weights not found under {directory}")
+        return cls(energy_transformer.load(directory, device))
 
     def execute(self, requests: list[dict[str, np.ndarray | None]]) -> list[Outputs | Exception]:
         """One answer per request, in order: its outputs, or the exception it failed with (a
         ServiceError, or any other exception for a bug, which model.py logs)."""
+        if self.model is None:
+            return [Unavailable(self.missing) for _ in requests]
         answers: list[Outputs | Exception | None] = [None] * len(requests)
         groups: dict[int | None, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         for index, inputs in enumerate(requests):

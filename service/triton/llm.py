@@ -16,13 +16,15 @@ error response instead, with the JSON error of service/triton/wire.py.
 `TextGeneration` is everything model.py does, without pb_utils: the continuous-batching Scheduler
 (one per model instance) runs the generations; model.py hands each request over with a `Stream`,
 its response sender. A stream that Triton reports cancelled (the client closed its gRPC stream) is
-noticed at its next token and cancelled in the scheduler, which frees its slot at the next step.
+noticed at its next token (or, while it waits for a decode slot, within `watch_interval`) and
+cancelled in the scheduler, which frees its slot or queue place at the next step.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -106,13 +108,20 @@ class _Generation:
     def __init__(self, stream: Stream):
         self.stream = stream
         self.handle: RequestHandle | None = None
+        self.started = False  # it has had an event
         self.cancelled = False
 
 
 class TextGeneration:
-    def __init__(self, scheduler: Scheduler, name: str = DEFAULT_NAME):
+    def __init__(self, scheduler: Scheduler, name: str = DEFAULT_NAME, *, watch_interval: float = 0.1):
         self.scheduler = scheduler
         self.name = name
+        self._lock = threading.Lock()
+        self._waiting: set[_Generation] = set()  # submitted, no event yet
+        self._watch_interval = watch_interval
+        self._closing = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="llm-cancellations", daemon=True)
+        self._watcher.start()
 
     @classmethod
     def load(cls, directory: str | Path, device: str, parameters: dict[str, str]) -> TextGeneration:
@@ -135,27 +144,48 @@ class TextGeneration:
         except Exception as exc:  # every refusal, bugs included, is this request's answer alone
             stream.fail(exc)
             return
-        generation.handle = handle
-        if generation.cancelled:  # noticed by the scheduler's thread before submit returned
+        with self._lock:
+            generation.handle = handle
+            if not generation.started:
+                self._waiting.add(generation)
+            cancelled = generation.cancelled  # noticed by the scheduler's thread before submit returned
+        if cancelled:
             self.scheduler.cancel(handle)
 
     def _on_event(self, generation: _Generation, event: TokenEvent | FinishEvent) -> None:
+        with self._lock:
+            generation.started = True
+            self._waiting.discard(generation)
         if isinstance(event, FinishEvent):
             # Sent even to a cancelled stream: the final flag is what releases the request in Triton.
             generation.stream.send(event_payload(event, self.scheduler.tokenizer), final=True)
-            return
-        if generation.cancelled or generation.stream.is_cancelled():
-            generation.cancelled = True
-            if generation.handle is not None:
-                self.scheduler.cancel(generation.handle)
-            return
-        generation.stream.send(event_payload(event, self.scheduler.tokenizer), final=False)
+        elif generation.cancelled or generation.stream.is_cancelled():
+            self._cancel(generation)
+        else:
+            generation.stream.send(event_payload(event, self.scheduler.tokenizer), final=False)
 
-    def card(self) -> dict[str, Any]:
-        return {"context": self.scheduler.max_context, "running_slots": self.scheduler.max_batch_size}
+    def _cancel(self, generation: _Generation) -> None:
+        with self._lock:
+            generation.cancelled = True
+            handle = generation.handle
+        if handle is not None:
+            self.scheduler.cancel(handle)
+
+    def _watch(self) -> None:
+        """A request waiting for a decode slot has no event at which to notice its cancellation: look
+        at those every `watch_interval` seconds, so a cancelled one leaves the queue instead of taking
+        a slot later."""
+        while not self._closing.wait(self._watch_interval):
+            with self._lock:
+                waiting = [g for g in self._waiting if not g.cancelled]
+            for generation in waiting:
+                if generation.stream.is_cancelled():
+                    self._cancel(generation)
 
     def close(self) -> None:
         """Stop the scheduler; unfinished generations end with finish_reason "cancelled"."""
+        self._closing.set()
+        self._watcher.join()
         self.scheduler.close()
 
 

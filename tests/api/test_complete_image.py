@@ -6,8 +6,6 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.usefixtures("embedded_only")
 import torch
 from sklearn.datasets import load_digits
 

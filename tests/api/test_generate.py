@@ -13,8 +13,6 @@ import grpc
 import httpx
 import pytest
 
-pytestmark = pytest.mark.usefixtures("embedded_only")
-
 from service.api.pb import amserve_pb2 as pb
 
 MODEL = "smollm2-135m-instruct"

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from service.backends.triton import TritonBackend
+from service.engines.lm import SamplingParams
 from service.engines.memory.persistence import SQLiteStore
 from service.engines.memory.registry import BankRegistry, DynamicsOptions
 from service.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Overloaded, ServiceError, Unavailable
 from service.triton.launcher import free_port
-from tests.triton.fixtures import launch
+from tests.triton.fixtures import MEMORY_ONLY, launch
 
 pytestmark = pytest.mark.triton
 
@@ -181,7 +182,7 @@ def test_concurrent_retrieves_share_executions(triton_server):
 
 
 def test_banks_survive_a_restart_and_the_backend_reconnects(tmp_path):
-    server = launch(tmp_path)
+    server = launch(tmp_path, MEMORY_ONLY)
     bank = bank_name()
     patterns = random_patterns(4, seed=3)
 
@@ -213,15 +214,22 @@ def test_banks_survive_a_restart_and_the_backend_reconnects(tmp_path):
 
 def test_ready_is_false_and_calls_unavailable_without_triton():
     async def scenario(triton: TritonBackend):
-        return await triton.ready(), await outcome(triton.list_banks())
+        image = np.zeros((8, 8), np.float32)
+        events = await triton.generate("hi", SamplingParams(), None)
+        return (await triton.ready(), await outcome(triton.list_banks()),
+                await outcome(triton.complete_image(image, image > 0, None)), await outcome(anext(events)),
+                await triton.models())
 
-    ready, listed = run_with([TritonBackend(f"127.0.0.1:{free_port()}", ready_timeout=0.5)], scenario)
+    ready, listed, completed, generated, cards = run_with(
+        [TritonBackend(f"127.0.0.1:{free_port()}", ready_timeout=0.5)], scenario)
     assert ready is False
-    assert listed[0] is Unavailable
+    assert listed[0] is Unavailable and completed[0] is Unavailable and generated[0] is Unavailable
+    assert [(card["id"], card["ready"]) for card in cards] == [("associative-memory", False),
+                                                               ("energy-transformer", False)]
 
 
 def test_a_full_triton_queue_is_overloaded(tmp_path):
-    server = launch(tmp_path, max_batch_size=1, max_queue_size=1)
+    server = launch(tmp_path, MEMORY_ONLY, max_batch_size=1, max_queue_size=1)
     bank = bank_name()
     patterns = random_patterns(64, seed=4)
 
@@ -246,6 +254,6 @@ def test_models_lists_the_associative_memory(triton_server):
     async def scenario(triton: TritonBackend):
         return await triton.models()
 
-    [entry] = run_with([TritonBackend(triton_server.url)], scenario)
+    entry = run_with([TritonBackend(triton_server.url)], scenario)[0]
     assert (entry["id"], entry["ready"]) == ("associative-memory", True)
     assert "modern" in entry["details"]["kinds"]

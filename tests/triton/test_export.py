@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.config import Settings
-from service.triton.export import export, read_batching_config, read_config
+from service.triton.export import LLM_FILES, export, export_llm, llm_exported, read_batching_config, read_config
 from tritonclient.grpc import model_config_pb2 as pb
 
 CHECKED_IN = Path(__file__).resolve().parents[2] / "model_repository"
@@ -43,3 +43,63 @@ def test_unknown_device_kind_is_refused(tmp_path):
     with pytest.raises(ValueError, match="device_kind"):
         export(tmp_path, data_dir="data", max_batch_size=1, max_queue_delay_us=0, max_queue_size=1,
                device_kind="tpu")
+
+
+def test_image_and_text_models(tmp_path):
+    export(tmp_path, data_dir="data", max_batch_size=8, max_queue_delay_us=100, max_queue_size=16, device_kind="cpu",
+           served_model_name="my-lm", max_running_sequences=3, max_waiting_sequences=5, max_context=512)
+    image = read_config(tmp_path, "energy_transformer")
+    assert (image.max_batch_size, image.dynamic_batching.max_queue_delay_microseconds) == (8, 100)
+    assert not image.model_transaction_policy.decoupled
+    inputs = {tensor.name: tensor for tensor in image.input}
+    assert inputs["IMAGE"].allow_ragged_batch and inputs["MISSING"].allow_ragged_batch
+    assert inputs["STEPS"].optional and not inputs["IMAGE"].optional
+    assert [tensor.name for tensor in image.output] == ["IMAGE", "ENERGY_TRACE"]
+    text = read_config(tmp_path, "llm")
+    assert text.model_transaction_policy.decoupled
+    assert [(g.count, g.kind) for g in text.instance_group] == [(1, pb.ModelInstanceGroup.KIND_CPU)]
+    assert {key: value.string_value for key, value in text.parameters.items()} == {
+        "served_model_name": "my-lm", "max_running_sequences": "3", "max_waiting_sequences": "5",
+        "max_context": "512"}
+
+
+def fake_conversion(monkeypatch) -> list[Path]:
+    """Replaces the GGUF conversion (seconds for the real model) by one writing placeholder files."""
+    from service.engines.lm import weights
+
+    calls = []
+
+    def convert(gguf, out_dir, progress=True):
+        calls.append(Path(gguf))
+        for name in LLM_FILES:
+            (Path(out_dir) / name).write_text(f"{name} from {Path(gguf).name}")
+        return Path(out_dir)
+
+    monkeypatch.setattr(weights, "convert_gguf", convert)
+    monkeypatch.setattr(weights, "default_gguf_path", lambda: Path("/models/default.gguf"))
+    return calls
+
+
+def test_export_llm_converts_once_into_the_version_folder(tmp_path, monkeypatch):
+    calls = fake_conversion(monkeypatch)
+    assert not llm_exported(tmp_path)
+    version = export_llm(tmp_path, progress=False)
+    assert version == tmp_path / "llm" / "1" and llm_exported(tmp_path)
+    assert sorted(p.name for p in version.iterdir()) == sorted(LLM_FILES)  # no scratch folder left behind
+    assert (version / "config.json").read_text() == "config.json from default.gguf"
+    export_llm(tmp_path, progress=False)
+    assert calls == [Path("/models/default.gguf")]
+    export_llm(tmp_path, Path("/models/other.gguf"), progress=False, force=True)
+    assert (version / "config.json").read_text() == "config.json from other.gguf"
+
+
+def test_amserve_export_writes_the_repository_and_the_llm_unless_skipped(tmp_path, monkeypatch, capsys):
+    from service.cli import main
+
+    calls = fake_conversion(monkeypatch)
+    assert main(["export", "--model-repository", str(tmp_path / "a"), "--device-kind", "cpu", "--skip-llm"]) == 0
+    assert (tmp_path / "a" / "llm" / "config.pbtxt").is_file() and not llm_exported(tmp_path / "a")
+    assert main(["export", "--model-repository", str(tmp_path / "b"), "--device-kind", "cpu"]) == 0
+    assert llm_exported(tmp_path / "b") and len(calls) == 1
+    assert main(["export", "--model-repository", str(tmp_path / "b"), "--device-kind", "cpu"]) == 0
+    assert len(calls) == 1 and "already converted" in capsys.readouterr().out

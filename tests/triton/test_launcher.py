@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.triton.launcher import TritonServer, TritonStartError
-from tests.triton.fixtures import export_for_tests
+from tests.triton.fixtures import MEMORY_ONLY, export_for_tests
 
 pytestmark = pytest.mark.triton
 
@@ -25,7 +25,7 @@ def running(pid: int) -> bool:
 
 
 def test_ready_then_stop_leaves_no_process(tmp_path):
-    repository = export_for_tests(tmp_path / "repository", tmp_path / "data")
+    repository = export_for_tests(tmp_path / "repository", tmp_path / "data", MEMORY_ONLY)
     log_path = tmp_path / "triton.log"
     # An empty AMSERVE_DATA_DIR leaves the data dir to the config's parameter.
     with TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0, log_path=log_path,
@@ -39,7 +39,7 @@ def test_ready_then_stop_leaves_no_process(tmp_path):
 
 
 def test_a_model_that_fails_to_load_stops_start_with_its_error(tmp_path):
-    repository = export_for_tests(tmp_path / "repository", tmp_path / "data")
+    repository = export_for_tests(tmp_path / "repository", tmp_path / "data", MEMORY_ONLY)
     (repository / "associative_memory" / "1" / "model.py").write_text(
         'raise RuntimeError("model file damaged on purpose")\n')
     server = TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0, startup_timeout=60)
@@ -51,7 +51,7 @@ def test_a_model_that_fails_to_load_stops_start_with_its_error(tmp_path):
 
 def test_ports_held_by_another_server_fail_the_start(tmp_path, triton_server):
     """The other server answers ready on those ports; that must not pass for this one's readiness."""
-    repository = export_for_tests(tmp_path / "repository", tmp_path / "data")
+    repository = export_for_tests(tmp_path / "repository", tmp_path / "data", MEMORY_ONLY)
     server = TritonServer(repository, http_port=triton_server.http_port, grpc_port=triton_server.grpc_port,
                           metrics_port=triton_server.metrics_port, startup_timeout=60)
     with pytest.raises(TritonStartError, match="exited with code"):
@@ -65,7 +65,7 @@ def test_a_missing_repository_is_refused_before_launch(tmp_path):
 
 
 def test_triton_follows_a_killed_parent(tmp_path):
-    repository = export_for_tests(tmp_path / "repository", tmp_path / "data")
+    repository = export_for_tests(tmp_path / "repository", tmp_path / "data", MEMORY_ONLY)
     parent = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"

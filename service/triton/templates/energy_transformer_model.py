@@ -1,8 +1,9 @@
 """Triton Python model `energy_transformer`: masked image completion with the Energy Transformer.
 
-The weights (model.safetensors, et_config.json) lie beside this file. The request format and the
-handling of a batch live in service/triton/energy_transformer.py; this class converts between Triton
-tensors and numpy and turns failures into per-request errors.
+The weights (model.safetensors, et_config.json) lie beside this file; without them every request is
+answered 503. The request format and the handling of a batch live in
+service/triton/energy_transformer.py; this class converts between Triton tensors and numpy and turns
+failures into per-request errors.
 """
 
 import traceback
@@ -11,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from service.engines import energy_transformer
 from service.errors import ServiceError
 from service.triton.energy_transformer import INPUT_NAMES, ImageCompletion
 from service.triton.wire import error_message, triton_status
@@ -24,7 +24,9 @@ class TritonPythonModel:
             device = f"cuda:{args['model_instance_device_id']}"
         else:
             device = "cpu"
-        self.completion = ImageCompletion(energy_transformer.load(weights, device))
+        self.completion = ImageCompletion.load(weights, device)
+        if self.completion.model is None:
+            pb_utils.Logger.log_warn(f"{self.completion.missing}: every request is answered 503 Unavailable")
 
     def execute(self, requests):
         batch = [{name: _input(request, name) for name in INPUT_NAMES} for request in requests]
