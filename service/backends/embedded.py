@@ -15,7 +15,8 @@ import torch
 from service import metrics
 from service.batching import MicroBatcher
 from service.engines import energy_transformer
-from service.engines.lm import FinishEvent, GenerationRequest, SamplingParams, Scheduler, TokenEvent, Tokenizer
+from service.engines.lm import FinishEvent, GenerationRequest, SamplingParams, Scheduler, Tokenizer
+from service.engines.lm.scheduler import event_dict
 from service.engines.lm.weights import default_gguf_path, load_model
 from service.engines.memory import KINDS
 from service.engines.memory.persistence import SQLiteStore
@@ -127,22 +128,10 @@ class EmbeddedBackend:
             while not finished:
                 event = await events.get()
                 finished = isinstance(event, FinishEvent)
-                yield self._event_dict(event)
+                yield event_dict(event, self.tokenizer)
         finally:
             if not finished:  # the consumer went away: free the slot at the next step
                 self.scheduler.cancel(handle)
-
-    def _event_dict(self, event: TokenEvent | FinishEvent) -> dict:
-        if isinstance(event, FinishEvent):
-            return {"type": "finish", "finish_reason": event.finish_reason, "text": event.text, "error": event.error,
-                    "usage": {"prompt_tokens": event.usage.prompt_tokens,
-                              "completion_tokens": event.usage.completion_tokens}}
-        logprobs = None
-        if event.logprobs is not None:
-            token = self.tokenizer.decode
-            logprobs = {"token": token([event.token_id]), "token_id": event.token_id, "logprob": event.logprobs.logprob,
-                        "top": [{"token": token([i]), "token_id": i, "logprob": lp} for i, lp in event.logprobs.top]}
-        return {"type": "token", "token_id": event.token_id, "text": event.text, "logprobs": logprobs}
 
     async def complete_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
                              ) -> tuple[np.ndarray, list[float]]:

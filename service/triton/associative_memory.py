@@ -30,7 +30,7 @@ import numpy as np
 
 from service.engines.memory.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResult
 from service.errors import InvalidArgument
-from service.triton.wire import error_from_message, error_message, json_tensor, text_value  # noqa: F401
+from service.triton.wire import json_tensor, text_value
 
 MODEL_NAME = "associative_memory"
 OPS = ("create", "list", "info", "delete", "store", "delete_pattern", "run")

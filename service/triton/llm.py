@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.engines.lm import FinishEvent, GenerationRequest, RequestHandle, SamplingParams, Scheduler, TokenEvent
-from service.engines.lm.tokenizer import Tokenizer
+from service.engines.lm.scheduler import event_dict
 from service.errors import InvalidArgument
 from service.triton.wire import text_value
 
@@ -85,20 +85,6 @@ def parse_request(prompt: np.ndarray | None, params: np.ndarray | None) -> Gener
     if timeout is not None and (not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0):
         raise InvalidArgument("timeout must be a positive number of seconds", field="timeout")
     return GenerationRequest(text, sampling, None if timeout is None else time.monotonic() + timeout)
-
-
-def event_payload(event: TokenEvent | FinishEvent, tokenizer: Tokenizer) -> dict:
-    """The embedded backend's event dict, logprobs with their token strings."""
-    if isinstance(event, FinishEvent):
-        return {"type": "finish", "finish_reason": event.finish_reason, "text": event.text, "error": event.error,
-                "usage": {"prompt_tokens": event.usage.prompt_tokens,
-                          "completion_tokens": event.usage.completion_tokens}}
-    logprobs = None
-    if event.logprobs is not None:
-        token = tokenizer.decode
-        logprobs = {"token": token([event.token_id]), "token_id": event.token_id, "logprob": event.logprobs.logprob,
-                    "top": [{"token": token([i]), "token_id": i, "logprob": lp} for i, lp in event.logprobs.top]}
-    return {"type": "token", "token_id": event.token_id, "text": event.text, "logprobs": logprobs}
 
 
 # ----- the model's request handling ------------------------------------------------------------
@@ -158,11 +144,11 @@ class TextGeneration:
             self._waiting.discard(generation)
         if isinstance(event, FinishEvent):
             # Sent even to a cancelled stream: the final flag is what releases the request in Triton.
-            generation.stream.send(event_payload(event, self.scheduler.tokenizer), final=True)
+            generation.stream.send(event_dict(event, self.scheduler.tokenizer), final=True)
         elif generation.cancelled or generation.stream.is_cancelled():
             self._cancel(generation)
         else:
-            generation.stream.send(event_payload(event, self.scheduler.tokenizer), final=False)
+            generation.stream.send(event_dict(event, self.scheduler.tokenizer), final=False)
 
     def _cancel(self, generation: _Generation) -> None:
         with self._lock:

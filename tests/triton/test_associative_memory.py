@@ -14,7 +14,8 @@ from service.engines.memory.persistence import SQLiteStore
 from service.engines.memory.registry import BankRegistry, DynamicsOptions
 from service.errors import (AlreadyExists, Conflict, InvalidArgument, NotFound, Overloaded, ServiceError,
                             TooLarge, TooManyRequests, Unavailable)
-from service.triton.associative_memory import AssociativeMemory, decode_results, error_from_message, error_message
+from service.triton.associative_memory import AssociativeMemory, decode_results
+from service.triton.wire import error_from_message, error_message
 
 DIM = 16
 

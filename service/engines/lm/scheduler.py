@@ -279,3 +279,17 @@ class Scheduler:
 
 def _expired(sequence: _Sequence) -> bool:
     return sequence.deadline is not None and time.monotonic() >= sequence.deadline
+
+
+def event_dict(event: TokenEvent | FinishEvent, tokenizer: Tokenizer) -> dict:
+    """An event as plain JSON-able data, logprobs with their token strings: what both backends stream."""
+    if isinstance(event, FinishEvent):
+        return {"type": "finish", "finish_reason": event.finish_reason, "text": event.text, "error": event.error,
+                "usage": {"prompt_tokens": event.usage.prompt_tokens,
+                          "completion_tokens": event.usage.completion_tokens}}
+    logprobs = None
+    if event.logprobs is not None:
+        token = tokenizer.decode
+        logprobs = {"token": token([event.token_id]), "token_id": event.token_id, "logprob": event.logprobs.logprob,
+                    "top": [{"token": token([i]), "token_id": i, "logprob": lp} for i, lp in event.logprobs.top]}
+    return {"type": "token", "token_id": event.token_id, "text": event.text, "logprobs": logprobs}
