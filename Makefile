@@ -27,7 +27,11 @@ service/api/pb/amserve_pb2.py: $(STAMP) $(wildcard proto/amserve/v1/*.proto)
 proto: $(STAMP)
 	$(BIN)/python -m service.api.protos
 
-serve: setup
+# First run: write the model repository and convert the default LM (GGUF → safetensors) once.
+model_repository/llm/1/config.json: | $(STAMP)
+	$(BIN)/amserve export
+
+serve: setup model_repository/llm/1/config.json
 	$(BIN)/amserve serve $(SERVE_ARGS)
 
 test: setup
