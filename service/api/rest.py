@@ -22,7 +22,7 @@ from service.api.errors import error_body, from_validation, http_status, retry_a
 from service.api.operations import Limits, Operations
 from service.backends.base import Backend
 
-ERRORS = {status: {"model": schemas.ErrorResponse} for status in (404, 409, 413, 422, 503)}
+ERRORS = {status: {"model": schemas.ErrorResponse} for status in (401, 404, 409, 413, 422, 429, 503)}
 
 
 def error_response(exc: errors.ServiceError) -> JSONResponse:
