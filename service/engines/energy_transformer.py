@@ -105,7 +105,8 @@ class EnergyTransformer(nn.Module):
         self.config = config
         c = config
         self.patch_embed = nn.Linear(c.patch_dim, c.dim)
-        self.position = nn.Parameter(0.02 * torch.randn(c.num_patches, c.dim))
+        # unit-scale positions, as large as patch content, so attention can pick out neighbours
+        self.position = nn.Parameter(torch.randn(c.num_patches, c.dim))
         self.mask_token = nn.Parameter(0.02 * torch.randn(c.dim))
         self.norm_gamma = nn.Parameter(torch.ones(()))
         self.norm_delta = nn.Parameter(torch.zeros(c.dim))
@@ -121,10 +122,10 @@ class EnergyTransformer(nn.Module):
         """Total energy of normalised tokens g (B×N×D), one value per image: B."""
         return attention_energy(g, self.keys, self.queries) + hopfield_energy(g, self.memories)
 
-    def descend(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-        """x ← x − α ∂E/∂g for `steps` steps. Returns the final tokens and the energy trace B×(steps+1).
+    def energy_gradient(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        """∂E/∂g by autograd (B×N×D) and the energy per image (B).
 
-        torch.func.grad takes ∂E/∂g even under an outer torch.no_grad, and stays differentiable
+        torch.func.grad differentiates even under an outer torch.no_grad, and stays differentiable
         with respect to the parameters when training backpropagates through the dynamics.
         """
 
@@ -132,10 +133,13 @@ class EnergyTransformer(nn.Module):
             per_image = self.energy(g)
             return per_image.sum(), per_image.detach()
 
-        energy_gradient = torch.func.grad(total_energy, has_aux=True)
+        return torch.func.grad(total_energy, has_aux=True)(g)
+
+    def descend(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """x ← x − α ∂E/∂g for `steps` steps. Returns the final tokens and the energy trace B×(steps+1)."""
         trace = []
         for _ in range(steps):
-            grad, energies = energy_gradient(self.norm(x))
+            grad, energies = self.energy_gradient(self.norm(x))
             trace.append(energies)
             x = x - self.config.alpha * grad
         trace.append(self.energy(self.norm(x)).detach())
