@@ -40,6 +40,6 @@ def bank_name(request) -> str:
 
 @pytest.fixture()
 def embedded_only(server):
-    """For operations whose Triton model is not in the repository yet."""
+    """For tests of the gateway's own machinery that the triton backend hands to Triton instead."""
     if server.backend != "embedded":
-        pytest.skip(f"{server.backend} backend does not serve this model")
+        pytest.skip(f"checks the embedded backend's own batcher; {server.backend} batches inside Triton")
