@@ -110,8 +110,10 @@ class EnergyTransformer(nn.Module):
         self.mask_token = nn.Parameter(0.02 * torch.randn(c.dim))
         self.norm_gamma = nn.Parameter(torch.ones(()))
         self.norm_delta = nn.Parameter(torch.zeros(c.dim))
-        self.keys = nn.Parameter(torch.randn(c.heads, c.head_dim, c.dim) / c.dim)
-        self.queries = nn.Parameter(torch.randn(c.heads, c.head_dim, c.dim) / c.dim)
+        # keys and queries large enough that the untrained dynamics already carry image content
+        # into masked tokens; from a near-zero start training sits long on the mean-image plateau
+        self.keys = nn.Parameter(0.1 * torch.randn(c.heads, c.head_dim, c.dim))
+        self.queries = nn.Parameter(0.1 * torch.randn(c.heads, c.head_dim, c.dim))
         self.memories = nn.Parameter(torch.randn(c.memories, c.dim) / c.dim)
         self.patch_decode = nn.Linear(c.dim, c.patch_dim)
 

@@ -60,7 +60,7 @@ def evaluate(model: EnergyTransformer, train: Tensor, test: Tensor, mask_ratio: 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ETConfig()
     parser.add_argument("--out", default=DEFAULT_OUT, help="directory for the weights, config and metrics")
-    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
@@ -77,11 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
     parser.add_argument("--hopfield-mult", type=int, default=defaults.hopfield_mult)
     parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--alpha", type=float, default=0.3,
-                        help="descent step α (0.3 trains to a clearly better completion than 0.1 here)")
-    parser.add_argument("--qk-init-std", type=float, default=0.1,
-                        help="initial scale of the attention keys/queries; large enough that masked tokens "
-                             "move towards their context from the first epochs")
+    parser.add_argument("--alpha", type=float, default=defaults.alpha, help="descent step size α")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -103,11 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.train_limit is not None:
         train = train[: args.train_limit]
 
-    model = EnergyTransformer(config)
-    with torch.no_grad():
-        model.keys.normal_(0.0, args.qk_init_std)
-        model.queries.normal_(0.0, args.qk_init_std)
-    model = model.to(device)
+    model = EnergyTransformer(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     batches_per_epoch = math.ceil(len(train) / args.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -155,7 +147,6 @@ def run(args: argparse.Namespace) -> int:
             "weight_decay": args.weight_decay,
             "seed": args.seed,
             "mask_ratio": args.mask_ratio,
-            "qk_init_std": args.qk_init_std,
             "device": str(device),
             "seconds": round(train_seconds, 1),
         },
