@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from loadtest.load import drive  # noqa: E402
 from service.engines import energy_transformer  # noqa: E402
-from service.harness import ServerProcess  # noqa: E402
+from tests.harness import ServerProcess  # noqa: E402
 
 WEIGHTS = ROOT / "model_repository" / "energy_transformer" / "1"
 

@@ -50,17 +50,8 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.engines.lm import (  # noqa: E402
-    FinishEvent,
-    GenerationRequest,
-    SamplingParams,
-    Scheduler,
-    TokenEvent,
-    Transformer,
-    convert_gguf,
-    default_gguf_path,
-    load_model,
-)
+from service.engines.lm import SamplingParams, Transformer, convert_gguf, default_gguf_path, load_model  # noqa: E402
+from service.serving.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent  # noqa: E402
 from service.engines.lm.model import Linear  # noqa: E402
 
 SINGLE_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."

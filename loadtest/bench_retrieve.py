@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from service.api.pb import amserve_pb2 as pb  # noqa: E402
 from service.api.pb import amserve_pb2_grpc as pb_grpc  # noqa: E402
-from service.engines.memory.persistence import SQLiteStore  # noqa: E402
-from service.engines.memory.registry import BankRegistry, DynamicsOptions  # noqa: E402
-from service.harness import ServerProcess  # noqa: E402
+from service.banks.store import SQLiteStore  # noqa: E402
+from service.banks.registry import BankRegistry, DynamicsOptions  # noqa: E402
+from tests.harness import ServerProcess  # noqa: E402
 from loadtest.load import drive  # noqa: E402
 
 BANKS = {

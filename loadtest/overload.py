@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.harness import ServerProcess  # noqa: E402
+from tests.harness import ServerProcess  # noqa: E402
 
 JSON = {"content-type": "application/json"}
 DIM, PATTERNS = 256, 50_000  # heavy enough per request that the load generator is not the bottleneck

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             url, grpc_target = args.url.rstrip("/"), args.grpc_target
         else:
             sys.path.insert(0, str(ROOT))
-            from service.harness import ServerProcess
+            from tests.harness import ServerProcess
 
             server = ServerProcess(scratch / "data", backend=args.backend, extra_args=args.serve_arg)
             print(f"starting amserve serve --backend {args.backend} ...", flush=True)

@@ -7,7 +7,7 @@ import grpc
 import httpx
 import pytest
 
-from service.harness import ServerProcess
+from tests.harness import ServerProcess
 
 BACKENDS = ["embedded", "triton"]
 

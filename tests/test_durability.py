@@ -9,7 +9,7 @@ import time
 import httpx
 import numpy as np
 
-from service.harness import ServerProcess
+from tests.harness import ServerProcess
 
 
 def test_acknowledged_stores_survive_sigkill(tmp_path):

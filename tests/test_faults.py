@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.harness import ServerProcess
+from tests.harness import ServerProcess
 
 NO_LM = ["--model", "none"]
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import numpy as np
 
-from service.harness import ServerProcess
+from tests.harness import ServerProcess
 from service.triton.launcher import TritonServer
 from tests.triton.fixtures import launch
 

@@ -20,7 +20,7 @@ from service import metrics
 from service.api import schemas
 from service.backends.base import Backend
 from service.engines.lm.sampling import SamplingParams
-from service.engines.memory.registry import DynamicsOptions, check_bank_name
+from service.banks.registry import DynamicsOptions, check_bank_name
 from service.errors import InvalidArgument, NotFound, TooManyRequests, Unavailable
 
 OPENAI_FINISH = {"stop": "stop", "length": "length", "deadline": "length", "cancelled": "stop"}

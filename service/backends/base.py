@@ -8,7 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from service.engines.lm.sampling import SamplingParams
-from service.engines.memory.registry import BankInfo, DynamicsOptions, MemoryResult
+from service.banks.registry import BankInfo, DynamicsOptions, MemoryResult
 
 
 class Backend(Protocol):

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 
 from service import metrics
-from service.batching import MicroBatcher
+from service.serving.batching import MicroBatcher
 from service.engines import energy_transformer
-from service.engines.lm import FinishEvent, GenerationRequest, SamplingParams, Scheduler, Tokenizer
-from service.engines.lm.scheduler import event_dict
+from service.engines.lm import SamplingParams, Tokenizer
+from service.serving.scheduler import FinishEvent, GenerationRequest, Scheduler, event_dict
 from service.engines.lm.weights import default_gguf_path, load_model
 from service.engines.memory import KINDS
-from service.engines.memory.persistence import SQLiteStore
-from service.engines.memory.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResult
+from service.banks.store import SQLiteStore
+from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResult
 from service.errors import Overloaded, TooManyRequests, Unavailable
 
 ET_DIR = Path("energy_transformer") / "1"

@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from service import metrics
 from service.engines.memory import KINDS
-from service.engines.memory.registry import BankInfo, DynamicsOptions, MemoryResult
+from service.banks.registry import BankInfo, DynamicsOptions, MemoryResult
 from service.errors import Overloaded, ServiceError, TooManyRequests, Unavailable
 from service.triton import energy_transformer as et_wire
 from service.triton import llm as llm_wire

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from service.engines.memory.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResult
+from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResult
 from service.errors import InvalidArgument
 from service.triton.wire import json_tensor, text_value
 

@@ -32,8 +32,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.engines.lm import FinishEvent, GenerationRequest, RequestHandle, SamplingParams, Scheduler, TokenEvent
-from service.engines.lm.scheduler import event_dict
+from service.engines.lm import SamplingParams
+from service.serving.scheduler import FinishEvent, GenerationRequest, RequestHandle, Scheduler, TokenEvent, event_dict
 from service.errors import InvalidArgument
 from service.triton.wire import text_value
 

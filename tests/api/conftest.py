@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from service.config import Settings
-from service.harness import ROOT
+from tests.harness import ROOT
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,7 +9,7 @@ import pytest
 from service.api.auth import create_key
 from service.api.pb import amserve_pb2 as pb
 from service.api.pb import amserve_pb2_grpc as pb_grpc
-from service.harness import ServerProcess
+from tests.harness import ServerProcess
 
 
 @pytest.fixture(scope="module")

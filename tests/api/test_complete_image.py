@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 
 from service.api.pb import amserve_pb2 as pb
 from service.engines import energy_transformer
-from service.harness import ROOT
+from tests.harness import ROOT
 
 WEIGHTS = ROOT / "model_repository" / "energy_transformer" / "1"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.harness import ROOT
+from tests.harness import ROOT
 from tests.deploy import kustomize_lite as kl
 
 DOCKER = ROOT / "deploy" / "docker"

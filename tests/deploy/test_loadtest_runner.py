@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from service.harness import ROOT
+from tests.harness import ROOT
 
 spec = importlib.util.spec_from_file_location("loadtest_run_locust", ROOT / "loadtest" / "run_locust.py")
 run_locust = importlib.util.module_from_spec(spec)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from service.harness import ROOT
+from tests.harness import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from service.config import Settings
-from service.harness import ROOT
+from tests.harness import ROOT
 from tests.deploy import kustomize_lite as kl
 from tests.deploy.metric_names import gateway_series
 

@@ -10,7 +10,7 @@ import re
 import pytest
 import yaml
 
-from service.harness import ROOT
+from tests.harness import ROOT
 from tests.deploy.metric_names import gateway_metrics, gateway_series
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "amserve.json"

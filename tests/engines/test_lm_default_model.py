@@ -11,15 +11,8 @@ import threading
 import pytest
 import torch
 
-from service.engines.lm import (
-    FinishEvent,
-    GenerationRequest,
-    SamplingParams,
-    Scheduler,
-    convert_gguf,
-    default_gguf_path,
-    load_model,
-)
+from service.engines.lm import SamplingParams, convert_gguf, default_gguf_path, load_model
+from service.serving.scheduler import FinishEvent, GenerationRequest, Scheduler
 
 
 @pytest.fixture(scope="module")

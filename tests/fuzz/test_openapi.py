@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.harness import ServerProcess
+from tests.harness import ServerProcess
 
 LIMITS = ["--max-new-tokens", "8", "--max-context", "256", "--max-vectors-per-request", "64",
           "--max-running-sequences", "4", "--max-body-bytes", "1000000"]

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from service.api import schemas
 from service.api.auth import ApiKeys, key_hash
 from service.api.errors import field_path, validation_error
-from service.engines.memory.registry import BANK_NAME, check_bank_name
+from service.banks.registry import BANK_NAME, check_bank_name
 from service.errors import InvalidArgument, Unauthenticated
 
 numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-10**6, 10**6),

@@ -10,8 +10,8 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from service.backends.triton import service_error
-from service.engines.memory.persistence import SQLiteStore
-from service.engines.memory.registry import BankRegistry, DynamicsOptions
+from service.banks.store import SQLiteStore
+from service.banks.registry import BankRegistry, DynamicsOptions
 from service.errors import (AlreadyExists, Conflict, InvalidArgument, NotFound, Overloaded, ServiceError,
                             TooLarge, TooManyRequests, Unavailable)
 from service.triton.associative_memory import AssociativeMemory, decode_results

@@ -16,8 +16,8 @@ import pytest
 
 from service.backends.triton import TritonBackend
 from service.engines.lm import SamplingParams
-from service.engines.memory.persistence import SQLiteStore
-from service.engines.memory.registry import BankRegistry, DynamicsOptions
+from service.banks.store import SQLiteStore
+from service.banks.registry import BankRegistry, DynamicsOptions
 from service.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Overloaded, ServiceError, Unavailable
 from service.triton.launcher import free_port
 from tests.triton.fixtures import MEMORY_ONLY, launch

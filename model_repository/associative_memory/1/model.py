@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from service.engines.memory.persistence import SQLiteStore
-from service.engines.memory.registry import BankRegistry
+from service.banks.store import SQLiteStore
+from service.banks.registry import BankRegistry
 from service.errors import ServiceError
 from service.triton.associative_memory import INPUT_NAMES, AssociativeMemory
 from service.triton.wire import error_message

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.engines.memory.persistence import SQLiteStore
-from service.engines.memory.registry import BankRegistry, DynamicsOptions
+from service.banks.store import SQLiteStore
+from service.banks.registry import BankRegistry, DynamicsOptions
 from service.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
 
 

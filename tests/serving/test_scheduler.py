@@ -11,17 +11,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from service.engines.lm import (
-    Event,
-    FinishEvent,
-    GenerationRequest,
-    ModelConfig,
-    SamplingParams,
-    Scheduler,
-    TokenEvent,
-    Tokenizer,
-    Transformer,
-)
+from service.engines.lm import ModelConfig, SamplingParams, Tokenizer, Transformer
+from service.serving.scheduler import Event, FinishEvent, GenerationRequest, Scheduler, TokenEvent
 from service.errors import InvalidArgument, Overloaded
 
 CONTEXT = 128

@@ -17,7 +17,7 @@ import torch
 
 from service.engines.memory import make_engine, normalize_params
 from service.engines.memory.base import MemoryEngine
-from service.engines.memory.persistence import BankRecord, SQLiteStore
+from service.banks.store import BankRecord, SQLiteStore
 from service.errors import Conflict, InvalidArgument, NotFound
 
 BANK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batching import MicroBatcher
+from service.serving.batching import MicroBatcher
 from service.errors import Overloaded
 
 

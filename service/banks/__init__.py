@@ -1,0 +1,1 @@
+"""Bank state: named banks' serving state (engines in RAM or GPU) and their durable store."""
