@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.harness import ROOT
-from tests.deploy import kustomize_lite as kl
+from tests.deploy.manifests import load_docs, pod_containers
 
 DOCKER = ROOT / "deploy" / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -117,8 +117,8 @@ def test_triton_image(triton):
     assert "/v2/health/ready" in values(triton, "HEALTHCHECK")[0]
 
     # The Kubernetes StatefulSet runs the same command (its args replace CMD, the NGC entrypoint stays).
-    sts = kl.load_docs(ROOT / "deploy" / "k8s" / "base" / "triton-statefulset.yaml")[0]
-    assert kl.pod_containers(sts)[0]["args"] == cmd
+    sts = load_docs(ROOT / "deploy" / "k8s" / "base" / "triton-statefulset.yaml")[0]
+    assert pod_containers(sts)[0]["args"] == cmd
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.gateway", "Dockerfile.triton"])

@@ -2,8 +2,7 @@
 version) or, for CRDs, against the JSON schemas kept in deploy/k8s/schemas; and the pieces refer to each
 other correctly (selectors, ports, probes, HPA/PDB targets, ConfigMap/Secret keys, the Triton address).
 
-Overlays are rendered with `kubectl kustomize` / `kustomize build` when one is on PATH, else with the
-small renderer in kustomize_lite.py (checked against the real one whenever both are available).
+Overlays are rendered with the real `kubectl kustomize` (tests/deploy/manifests.py).
 """
 
 from __future__ import annotations
@@ -13,15 +12,14 @@ import re
 from dataclasses import fields
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
 from service.config import Settings
 from tests.harness import ROOT
-from tests.deploy import kustomize_lite as kl
+from tests.deploy.manifests import kustomization, load_docs, pod_containers, render
 from tests.deploy.metric_names import gateway_series
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 K8S_VERSION = "1.32.0"           # the cluster version the manifests target
 K8S = ROOT / "deploy" / "k8s"
@@ -33,7 +31,7 @@ GATEWAY_DRAIN_SECONDS = 30       # service/server.py: grpc_server.stop(grace=30)
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
-    return {name: kl.render(K8S / "overlays" / name) for name in OVERLAYS} | {"base": kl.render(BASE)}
+    return {name: render(K8S / "overlays" / name) for name in OVERLAYS} | {"base": render(BASE)}
 
 
 def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
@@ -55,7 +53,7 @@ def selects(selector: dict, labels: dict) -> bool:
 
 
 def container_ports(workload: dict) -> dict[str, int]:
-    return {p["name"]: p["containerPort"] for c in kl.pod_containers(workload) for p in c.get("ports", [])}
+    return {p["name"]: p["containerPort"] for c in pod_containers(workload) for p in c.get("ports", [])}
 
 
 # --------------------------------------------------------------------------------------------- schemas
@@ -82,7 +80,7 @@ def test_every_manifest_validates_strictly(rendered, target):
 
 def test_strict_validation_rejects_what_it_should():
     """The validators in use do fail: an unknown field, a wrong type, a CRD typo."""
-    deployment = kl.load_docs(BASE / "gateway-deployment.yaml")[0]
+    deployment = load_docs(BASE / "gateway-deployment.yaml")[0]
     bad = json.loads(json.dumps(deployment))
     bad["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["pathh"] = "/x"
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -91,7 +89,7 @@ def test_strict_validation_rejects_what_it_should():
     bad["spec"]["replicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
-    monitor = kl.load_docs(BASE / "gateway-servicemonitor.yaml")[0]
+    monitor = load_docs(BASE / "gateway-servicemonitor.yaml")[0]
     monitor["spec"]["endpoints"][0]["intervall"] = "15s"
     schema = json.loads(CRD_SCHEMAS[("monitoring.coreos.com/v1", "ServiceMonitor")].read_text())
     assert list(jsonschema.Draft202012Validator(schema).iter_errors(monitor))
@@ -104,40 +102,26 @@ def test_crd_schemas_are_valid_json_schemas():
 
 # --------------------------------------------------------------------------------------------- layout
 
-def test_every_file_is_used_and_every_patch_target_exists():
-    base = kl.kustomization(BASE)
-    listed = set(base["resources"])
+def test_every_file_is_used_and_every_patch_target_exists(rendered):
+    """kubectl fails on a JSON 6902 path that is not there; a patch's target and a strategic merge's
+    containers are checked here."""
+    listed = set(kustomization(BASE)["resources"])
     on_disk = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == on_disk, f"unlisted: {on_disk - listed}, missing: {listed - on_disk}"
-    base_docs = [d for f in sorted(listed) for d in kl.load_docs(BASE / f)]
     for overlay in OVERLAYS:
         directory = K8S / "overlays" / overlay
-        k = kl.kustomization(directory)
+        k = kustomization(directory)
         assert k["resources"] == ["../../base"]
         patch_files = {p["path"] for p in k["patches"]}
         assert patch_files == {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}
         for patch in k["patches"]:
-            targets = [d for d in base_docs if kl.matches(d, patch["target"])]
-            assert len(targets) == 1, f"{overlay}/{patch['path']}: {len(targets)} targets"
+            target = patch["target"]
+            base = one(rendered["base"], target["kind"], target["name"])
+            assert base["apiVersion"] == f"{target['group']}/{target['version']}", patch["path"]
             body = yaml.safe_load((directory / patch["path"]).read_text())
-            if isinstance(body, list):  # JSON 6902: every op's parent path exists in the target
-                for op in body:
-                    node = targets[0]
-                    for key in kl._pointer(op["path"])[:-1]:
-                        node = node[key]
-            else:                       # strategic merge: same object, containers that exist
-                assert (body["kind"], body["metadata"]["name"]) == (targets[0]["kind"], targets[0]["metadata"]["name"])
-                names = {c["name"] for c in kl.pod_containers(targets[0])}
-                assert {c["name"] for c in kl.pod_containers(body)} <= names
-
-
-@pytest.mark.skipif(kl.kustomize_tool() is None, reason="no kubectl or kustomize to compare the fallback with")
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_fallback_renderer_agrees_with_kustomize(rendered, overlay):
-    def canonical(docs):
-        return {(d["kind"], d["metadata"]["name"]): json.dumps(d, sort_keys=True) for d in docs}
-
-    assert canonical(kl.render_lite(K8S / "overlays" / overlay)) == canonical(rendered[overlay])
+            if isinstance(body, dict):  # strategic merge: same object, containers that exist
+                assert (body["kind"], body["metadata"]["name"]) == (base["kind"], base["metadata"]["name"])
+                assert {c["name"] for c in pod_containers(body)} <= {c["name"] for c in pod_containers(base)}
 
 
 # --------------------------------------------------------------------------------------------- cross-references
@@ -154,7 +138,7 @@ def test_cross_references(rendered, target):
         labels = w["spec"]["template"]["metadata"]["labels"]
         assert selects(w["spec"]["selector"], labels), f"{w['metadata']['name']} selector misses its pods"
         ports = container_ports(w)
-        for c in kl.pod_containers(w):
+        for c in pod_containers(w):
             for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                 assert probe in c, f"{w['metadata']['name']}/{c['name']} has no {probe}"
                 port = c[probe]["httpGet"]["port"]
@@ -181,7 +165,7 @@ def test_cross_references(rendered, target):
     headless = one(docs, "Service", sts["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None"
     claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
-    triton = kl.pod_containers(sts)[0]
+    triton = pod_containers(sts)[0]
     assert "data" in claims and {"name": "data", "mountPath": "/data"} in triton["volumeMounts"]
     assert {"name": "AMSERVE_DATA_DIR", "value": "/data"} in triton["env"]
 
@@ -237,7 +221,7 @@ def test_gateway_settings_and_triton_address(rendered, target):
     sts = one(docs, "StatefulSet", "amserve-triton")
     host, port = config["AMSERVE_TRITON_URL"].rsplit(":", 1)
     assert host == f"{sts['metadata']['name']}-0.{sts['spec']['serviceName']}"
-    triton = kl.pod_containers(sts)[0]
+    triton = pod_containers(sts)[0]
     triton_ports = container_ports(sts)
     assert int(port) == triton_ports["grpc"]
     flags = dict(a.removeprefix("--").split("=", 1) for a in triton["args"] if a.startswith("--"))
@@ -246,18 +230,18 @@ def test_gateway_settings_and_triton_address(rendered, target):
     for probe, path in (("livenessProbe", "/v2/health/live"), ("readinessProbe", "/v2/health/ready")):
         assert triton[probe]["httpGet"] == {"path": path, "port": "http"}
 
-    gateway_container = kl.pod_containers(gateway)[0]
+    gateway_container = pod_containers(gateway)[0]
     assert gateway_container["livenessProbe"]["httpGet"]["path"] == "/healthz/live"
     assert gateway_container["readinessProbe"]["httpGet"]["path"] == "/healthz/ready"
     for workload in (gateway, sts):
-        image = kl.pod_containers(workload)[0]["image"]
+        image = pod_containers(workload)[0]["image"]
         assert re.fullmatch(r"[\w.-]+(/[\w.-]+)+:[\w.-]+", image), f"image {image} not rewritten by kustomize"
 
 
 def test_overlays_size_for_their_hardware(rendered):
     gpu_sts = one(rendered["gpu"], "StatefulSet")
     spec = gpu_sts["spec"]["template"]["spec"]
-    triton = kl.pod_containers(gpu_sts)[0]
+    triton = pod_containers(gpu_sts)[0]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
     assert "--model-config-name=gpu" in triton["args"]
@@ -265,8 +249,8 @@ def test_overlays_size_for_their_hardware(rendered):
     for target in ("base", "cpu"):
         text = json.dumps(rendered[target])
         assert "nvidia.com/gpu" not in text and "--model-config-name" not in text
-    cpu_triton = kl.pod_containers(one(rendered["cpu"], "StatefulSet"))[0]
-    base_triton = kl.pod_containers(one(rendered["base"], "StatefulSet"))[0]
+    cpu_triton = pod_containers(one(rendered["cpu"], "StatefulSet"))[0]
+    base_triton = pod_containers(one(rendered["base"], "StatefulSet"))[0]
     assert cpu_triton["resources"] != base_triton["resources"]
     # Only the gateway of the gpu overlay is on GPU-less nodes: nothing else asks for a GPU.
     assert json.dumps(rendered["gpu"]).count("nvidia.com/gpu\":") == 2  # request and limit of Triton
