@@ -13,21 +13,9 @@ from service.engines.memory.features import feature_sum, random_basis, random_fe
 from service.engines.memory.modern import modern_energy
 from service.engines.memory.rbf import rbf_energy
 from service.errors import Conflict, InvalidArgument
+from tests.engines.memory_cases import CASES, build
 
 DIM = 24
-
-CASES = {
-    "classical": ("classical", {}),
-    "dense-poly": ("dense", {"energy": "poly", "n": 3}),
-    "dense-exp": ("dense", {"energy": "exp", "beta": 0.3}),
-    "modern": ("modern", {"beta": 2.0}),
-    "rbf": ("rbf", {"beta": 4.0}),
-    "drdam-sincos": ("drdam", {"beta": 4.0, "features": 4096, "feature_map": "sincos", "seed": 11}),
-    "drdam-cos": ("drdam", {"beta": 4.0, "features": 4096, "feature_map": "cos", "seed": 12}),
-    "drdam-exp": ("drdam", {"beta": 4.0, "features": 4096, "feature_map": "exp", "seed": 13}),
-    "drdam-expexp": ("drdam", {"beta": 4.0, "features": 4096, "feature_map": "expexp", "seed": 14}),
-}
-
 
 def problem(kind: str, count: int = 12, batch: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored patterns and cues: ±1 with 30% of the bits flipped, or unit-norm with noise."""
@@ -41,13 +29,6 @@ def problem(kind: str, count: int = 12, batch: int = 8, seed: int = 0) -> tuple[
     patterns /= patterns.norm(dim=-1, keepdim=True)
     cues = patterns[:batch] + 0.4 * torch.randn(batch, DIM, generator=generator) / math.sqrt(DIM)
     return patterns, cues
-
-
-def build(case: str, patterns: torch.Tensor):
-    kind, params = CASES[case]
-    engine = make_engine(kind, DIM, normalize_params(kind, DIM, params))
-    engine.add(patterns)
-    return engine
 
 
 # ----- independent float64 references, written from the equations -----------------------

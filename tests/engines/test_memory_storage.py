@@ -8,30 +8,15 @@ import pytest
 import torch
 
 from service.engines.memory import make_engine, normalize_params
+from tests.engines.memory_cases import CASES, build
 
 DIM = 16
-
-CASES = {
-    "classical": ("classical", {}),
-    "dense": ("dense", {"n": 4}),
-    "modern": ("modern", {"beta": 3.0}),
-    "rbf": ("rbf", {"beta": 2.0}),
-    "drdam": ("drdam", {"features": 512, "feature_map": "sincos", "seed": 21}),
-}
-
 
 def patterns_for(kind: str, count: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     if kind in ("classical", "dense"):
         return torch.randint(0, 2, (count, DIM), generator=generator).float() * 2 - 1
     return torch.randn(count, DIM, generator=generator) / math.sqrt(DIM)
-
-
-def build(case: str, patterns: torch.Tensor):
-    kind, params = CASES[case]
-    engine = make_engine(kind, DIM, normalize_params(kind, DIM, params))
-    engine.add(patterns)
-    return engine
 
 
 @pytest.mark.parametrize("case", CASES)
