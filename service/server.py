@@ -9,7 +9,6 @@ import signal
 import uvicorn
 from grpc_health.v1 import health_pb2
 
-from service.api import schemas
 from service.api.auth import load_keys
 from service.api.grpc_server import SERVICE_NAME, create_server
 from service.api.operations import Limits
@@ -45,13 +44,12 @@ def build_backend(settings: Settings) -> Backend:
 
 
 async def serve(settings: Settings, backend: Backend | None = None) -> None:
-    schemas.LIMITS["max_vectors"] = settings.max_vectors_per_request
     api_keys = load_keys(settings.api_keys_file)
     if api_keys.open:
         log.warning("amserve: no API keys configured: the service is OPEN (no authentication, one bank namespace)")
     backend = backend or build_backend(settings)
     await backend.start()
-    limits = Limits(max_dim=settings.max_dim, max_new_tokens=settings.max_new_tokens,
+    limits = Limits(max_vectors=settings.max_vectors_per_request, max_dim=settings.max_dim, max_new_tokens=settings.max_new_tokens,
                     max_streams_per_tenant=settings.max_streams_per_tenant)
     app = create_app(backend, max_body_bytes=settings.max_body_bytes, api_keys=api_keys,
                      protect_metrics=settings.protect_metrics, limits=limits, max_in_flight=settings.max_in_flight)

@@ -20,7 +20,8 @@ from service import metrics
 from service.api import schemas
 from service.backends.base import Backend
 from service.engines.lm.sampling import SamplingParams
-from service.banks.registry import DynamicsOptions, check_bank_name
+from service.banks.registry import BankInfo, DynamicsOptions, check_bank_name
+from service.engines.memory.base import MAX_DIM
 from service.errors import InvalidArgument, NotFound, TooManyRequests, Unavailable
 
 OPENAI_FINISH = {"stop": "stop", "length": "length", "deadline": "length", "cancelled": "stop"}
@@ -30,7 +31,8 @@ OPENAI_FINISH = {"stop": "stop", "length": "length", "deadline": "length", "canc
 class Limits:
     """Per-request limits beyond the schema's hard bounds (each a setting; see service/config.py)."""
 
-    max_dim: int = 65_536
+    max_vectors: int = 10_000
+    max_dim: int = MAX_DIM
     max_new_tokens: int = 2048
     max_streams_per_tenant: int = 8
 
@@ -41,7 +43,7 @@ class Operations:
         self.limits = limits
         self._streams: Counter[str | None] = Counter()  # generations in progress per tenant
 
-    async def create_bank(self, tenant: str | None, bank: str, request: schemas.CreateBank) -> schemas.BankInfo:
+    async def create_bank(self, tenant: str | None, bank: str, request: schemas.CreateBank) -> BankInfo:
         if request.dim > self.limits.max_dim:
             raise InvalidArgument(f"dim {request.dim} exceeds this service's limit of {self.limits.max_dim}", field="dim")
         info = await self.backend.create_bank(qualified(tenant, bank), request.kind, request.dim, request.params)
@@ -54,7 +56,7 @@ class Operations:
             metrics.BANK_PATTERNS.labels(info.name).set(info.count)
         return schemas.BankList(banks=[visible(b) for b in mine])
 
-    async def get_bank(self, tenant: str | None, bank: str) -> schemas.BankInfo:
+    async def get_bank(self, tenant: str | None, bank: str) -> BankInfo:
         info = await self.backend.bank_info(qualified(tenant, bank))
         metrics.BANK_PATTERNS.labels(info.name).set(info.count)
         return visible(info)
@@ -67,6 +69,7 @@ class Operations:
 
     async def store(self, tenant: str | None, bank: str, request: schemas.StoreRequest) -> schemas.StoreResponse:
         name = qualified(tenant, bank)
+        self._check_vector_count(request.patterns, "patterns")
         ids, count = await self.backend.store(name, np.asarray(request.patterns, dtype=np.float32), request.ids)
         metrics.BANK_PATTERNS.labels(name).set(count)
         return schemas.StoreResponse(ids=ids, count=count)
@@ -85,7 +88,7 @@ class Operations:
     async def complete_image(self, request: schemas.CompleteImageRequest) -> schemas.CompleteImageResponse:
         image, trace = await self.backend.complete_image(
             np.asarray(request.image, dtype=np.float32), np.asarray(request.mask, dtype=bool), request.steps)
-        return schemas.CompleteImageResponse(model=request.model, image=image.tolist(), energy_trace=trace)
+        return schemas.CompleteImageResponse(model=request.model, image=image.tolist(), energy_trace=trace.tolist())
 
     async def models(self) -> schemas.ModelList:
         return schemas.ModelList(data=[schemas.ModelCard(**card) for card in await self.backend.models()])
@@ -147,9 +150,7 @@ class Operations:
             if event["logprobs"] is not None:
                 chunk["logprobs"] = event["logprobs"]
             return chunk
-        usage = event["usage"]
-        return {"text": event["text"], "finish_reason": event["finish_reason"],
-                "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
+        return {"text": event["text"], "finish_reason": event["finish_reason"], "usage": event["usage"]}
 
     async def check_lm(self, name: str) -> None:
         served = [m["id"] for m in await self.backend.models() if m["task"] == "text-generation"]
@@ -172,18 +173,22 @@ class Operations:
             return completion_object(model, choice, completion_id=completion_id)
         choice = {"text": event["text"], "index": 0, "logprobs": None,
                   "finish_reason": OPENAI_FINISH.get(event["finish_reason"], "stop")}
-        usage = event["usage"]
-        return completion_object(model, choice, completion_id=completion_id,
-                                 usage={**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]})
+        return completion_object(model, choice, completion_id=completion_id, usage=event["usage"])
 
     async def _run(self, bank: str, request: schemas.DynamicsRequest, clamp: np.ndarray | None
                    ) -> schemas.RetrieveResponse:
+        self._check_vector_count(request.queries, "queries")
         options = DynamicsOptions(request.steps, request.step_size, request.tolerance, request.trace)
         results = await self.backend.run_memory(bank, np.asarray(request.queries, dtype=np.float32), clamp, options)
         steps = metrics.RETRIEVE_STEPS.labels(bank)
-        for result in results:
-            steps.observe(result.steps)
-        return schemas.RetrieveResponse(results=[r.to_dict() for r in results])
+        for count in results.steps.tolist():
+            steps.observe(count)
+        return schemas.RetrieveResponse.from_results(results)
+
+    def _check_vector_count(self, vectors: list, field: str) -> None:
+        if len(vectors) > self.limits.max_vectors:
+            raise InvalidArgument(f"{field}: {len(vectors)} vectors exceed the limit of {self.limits.max_vectors} "
+                                  "per request", field=field)
 
 
 class GenerationStream:
@@ -232,11 +237,8 @@ async def collect(events: AsyncIterator[dict]) -> schemas.GenerateResponse:
                 logprobs.append(event["logprobs"])
         else:
             finish = event
-    usage = finish["usage"]
-    return schemas.GenerateResponse(
-        text="".join(text), tokens=tokens, finish_reason=finish["finish_reason"],
-        usage={**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
-        logprobs=logprobs or None)
+    return schemas.GenerateResponse(text="".join(text), tokens=tokens, finish_reason=finish["finish_reason"],
+                                    usage=finish["usage"], logprobs=logprobs or None)
 
 
 def completion_object(model: str, choice: dict, *, completion_id: str | None = None, usage: dict | None = None) -> dict:
@@ -265,6 +267,6 @@ def qualified(tenant: str | None, bank: str) -> str:
     return bank if tenant is None else f"{tenant}/{bank}"
 
 
-def visible(info) -> schemas.BankInfo:
-    return schemas.BankInfo(name=info.name.rpartition("/")[2], kind=info.kind, dim=info.dim, params=info.params,
-                            count=info.count, bytes=info.bytes)
+def visible(info: BankInfo) -> BankInfo:
+    """The bank as its tenant sees it: without the tenant prefix."""
+    return info.model_copy(update={"name": info.name.rpartition("/")[2]})

@@ -1,4 +1,10 @@
-"""Request and response models shared by REST and gRPC: validation happens here, once."""
+"""Request and response models shared by REST and gRPC: validation happens here, once.
+
+These models are the edge: values are finite and arrays rectangular once a request parsed;
+what depends on the service's settings (vectors per request, dim) is checked by the operations,
+what depends on a bank (its dim, binary values) by the bank. Responses are built from the
+backends' columns here, and only here become Python lists.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from service.banks.registry import BankInfo, MemoryResults
+from service.engines.memory.base import MAX_DIM
+from service.serving.scheduler import Usage
+
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Vector = Annotated[list[Finite], Field(min_length=1)]
 BankName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-
-# Set from Settings.max_vectors_per_request when the app is built.
-LIMITS = {"max_vectors": 10_000}
 
 
 class Strict(BaseModel):
@@ -19,9 +26,7 @@ class Strict(BaseModel):
 
 
 def check_matrix(rows: list[list[Any]]) -> list[list[Any]]:
-    """Rectangular and within the per-request vector limit (pydantic names the field)."""
-    if len(rows) > LIMITS["max_vectors"]:
-        raise ValueError(f"{len(rows)} vectors exceed the limit of {LIMITS['max_vectors']} per request")
+    """Rectangular (pydantic names the field)."""
     width = len(rows[0])
     for i, row in enumerate(rows):
         if len(row) != width:
@@ -31,17 +36,8 @@ def check_matrix(rows: list[list[Any]]) -> list[list[Any]]:
 
 class CreateBank(Strict):
     kind: str
-    dim: int = Field(ge=1, le=65536)
+    dim: int = Field(ge=1, le=MAX_DIM)
     params: dict[str, Any] = Field(default_factory=dict)
-
-
-class BankInfo(BaseModel):
-    name: str
-    kind: str
-    dim: int
-    params: dict[str, Any]
-    count: int
-    bytes: int
 
 
 class BankList(BaseModel):
@@ -103,6 +99,21 @@ class MemoryResult(BaseModel):
 class RetrieveResponse(BaseModel):
     results: list[MemoryResult]
 
+    @classmethod
+    def from_results(cls, results: MemoryResults) -> RetrieveResponse:
+        """The response for a backend's columns, built without re-validating what the engine made."""
+        nearest = [None if pid is None else Nearest.model_construct(id=pid, similarity=similarity)
+                   for pid, similarity in zip(results.nearest, results.similarity.tolist())]
+        steps = results.steps.tolist()
+        traces = [None] * len(steps) if results.trace is None else [
+            row[:count + 1] for row, count in zip(results.trace.tolist(), steps)]
+        return cls.model_construct(results=[
+            MemoryResult.model_construct(state=state, energy=energy, steps=count, converged=converged,
+                                         nearest=near, trace=trace)
+            for state, energy, count, converged, near, trace in zip(
+                results.states.tolist(), results.energy.tolist(), steps, results.converged.tolist(), nearest,
+                traces)])
+
 
 class CompleteImageRequest(Strict):
     model: Literal["energy-transformer"] = "energy-transformer"
@@ -162,12 +173,6 @@ class Alternative(BaseModel):
 
 class TokenLogprob(Alternative):
     top: list[Alternative]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class GenerateResponse(BaseModel):

@@ -7,8 +7,26 @@ from typing import Protocol
 
 import numpy as np
 
+from service.banks.registry import BankInfo, DynamicsOptions, MemoryResults
 from service.engines.lm.sampling import SamplingParams
-from service.banks.registry import BankInfo, DynamicsOptions, MemoryResult
+from service.engines.memory import KINDS
+
+MEMORY_MODEL = "associative-memory"
+IMAGE_MODEL = "energy-transformer"
+
+
+def memory_card(ready: bool) -> dict:
+    return {"id": MEMORY_MODEL, "task": "retrieve", "ready": ready, "details": {"kinds": sorted(KINDS)}}
+
+
+def image_card(ready: bool, image_size: int | None) -> dict:
+    return {"id": IMAGE_MODEL, "task": "image-completion", "ready": ready,
+            "details": {} if image_size is None else {"image_size": image_size}}
+
+
+def text_card(name: str, context: int, running_slots: int) -> dict:
+    return {"id": name, "task": "text-generation", "ready": True,
+            "details": {"context": context, "running_slots": running_slots}}
 
 
 class Backend(Protocol):
@@ -37,11 +55,11 @@ class Backend(Protocol):
     async def delete_pattern(self, name: str, pattern_id: str) -> None: ...
 
     async def models(self) -> list[dict]:
-        """Served models: {"id", "task", "ready", "details"}."""
+        """Served models: the cards above, {"id", "task", "ready", "details"}."""
         ...
 
     async def complete_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
-                             ) -> tuple[np.ndarray, list[float]]:
+                             ) -> tuple[np.ndarray, np.ndarray]:
         """Energy Transformer: one H×W image in [0,1] and its missing-pixel mask → (image, energy trace)."""
         ...
 
@@ -53,6 +71,6 @@ class Backend(Protocol):
         ...
 
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
-                         options: DynamicsOptions) -> list[MemoryResult]:
-        """Retrieve (clamp None) or complete (clamp N×D bool, True = known) on one bank."""
+                         options: DynamicsOptions) -> MemoryResults:
+        """Retrieve (clamp None) or complete (clamp N×D bool, True = known) on one bank: one row per query."""
         ...

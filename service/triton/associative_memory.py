@@ -1,7 +1,7 @@
 """The `associative_memory` Triton model: its wire format and its request handling.
 
 One request is one bank operation, a batch item of size 1 (so Triton's `max_batch_size` counts
-requests). Inputs:
+requests). Inputs (names and types in service/triton/spec.py):
 
     OP       BYTES [1]        create | list | info | delete | store | delete_pattern | run
     BANK     BYTES [1]        bank name ("" for list)
@@ -10,8 +10,10 @@ requests). Inputs:
     VECTORS  FP32  [N, D]     store: patterns; run: queries (optional, ragged)
     CLAMP    BOOL  [N, D]     run: True = known entry, clamped; absent for a plain retrieve (optional, ragged)
 
-Outputs: STATES FP32 [N, D] (run: final states; otherwise 0×0) and RESULT BYTES [1], JSON: bank info,
-a list of them, {ids, count}, {} or, for run, one {energy, steps, converged, nearest, trace} per row.
+A run answers the columns of `MemoryResults`, one row per query: STATES FP32 [N, D], ENERGY FP32 [N],
+STEPS INT64 [N], CONVERGED BOOL [N], NEAREST BYTES [N] (the id, "" when the kind keeps no patterns),
+SIMILARITY FP32 [N] and TRACE FP32 [N, S+1] (NaN-padded; [N, 0] without trace). Every other op answers
+RESULT BYTES [1], JSON: bank info, a list of them, {ids, count} or {}.
 A failed request carries a JSON error {code, field, message} with the service error's code, which
 `error_from_message` turns back into the same exception class on the client side (service/triton/wire.py).
 
@@ -23,38 +25,66 @@ per (bank, dynamics options) for all checked rows.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
-from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResult
+from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResults
 from service.errors import InvalidArgument
-from service.triton.wire import json_tensor, text_value
+from service.triton.wire import json_tensor, text_tensor, text_value
 
-MODEL_NAME = "associative_memory"
 OPS = ("create", "list", "info", "delete", "store", "delete_pattern", "run")
-INPUT_NAMES = ("OP", "BANK", "ARGS", "VECTORS", "CLAMP")
-NO_STATES = np.zeros((0, 0), dtype=np.float32)
+RUN_OUTPUTS = ("STATES", "ENERGY", "STEPS", "CONVERGED", "NEAREST", "SIMILARITY", "TRACE")
+NO_VECTORS = np.zeros((0, 0), dtype=np.float32)
 
 Outputs = dict[str, np.ndarray]
 
 
-# ----- results, both directions ----------------------------------------------------------------
+# ----- the gateway's side ---------------------------------------------------------------------
 
 
-def encode_results(results: list[MemoryResult]) -> Outputs:
-    rest = [{k: v for k, v in asdict(r).items() if k != "state"} for r in results]
-    return {"STATES": np.asarray([r.state for r in results], dtype=np.float32), "RESULT": json_tensor(rest)}
+def request_arrays(op: str, bank: str = "", args: dict | None = None, *, vectors: np.ndarray | None = None,
+                   clamp: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The inputs of one request, batch dimension included, as the model reads them."""
+    arrays = {"OP": text_tensor(op), "BANK": text_tensor(bank), "ARGS": text_tensor(json.dumps(args or {}))}
+    if vectors is not None:
+        arrays["VECTORS"] = _matrix(vectors, np.float32)[np.newaxis]
+    if clamp is not None:
+        arrays["CLAMP"] = _matrix(clamp, np.bool_)[np.newaxis]
+    return arrays
 
 
-def decode_results(states: np.ndarray, result: Any) -> list[MemoryResult]:
-    """float32 states back to Python floats: the same values the embedded backend's tolist() gives."""
-    return [MemoryResult(state=row.tolist(), **fields) for row, fields in zip(states, result)]
+def _matrix(values: np.ndarray, dtype: type) -> np.ndarray:
+    """A 2-D array of `dtype` for the wire. What the model's checks would reject for its rank or (for
+    the mask) its type goes as a 0×0 array, which those same checks reject with the same message."""
+    array = np.asarray(values)
+    if array.ndim != 2 or (dtype is np.bool_ and array.dtype != np.bool_):
+        return np.zeros((0, 0), dtype=dtype)
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def output_names(op: str) -> tuple[str, ...]:
+    return RUN_OUTPUTS if op == "run" else ("RESULT",)
+
+
+def encode_results(results: MemoryResults) -> Outputs:
+    trace = results.trace if results.trace is not None else np.zeros((len(results), 0), dtype=np.float32)
+    return {"STATES": results.states, "ENERGY": results.energy, "STEPS": results.steps,
+            "CONVERGED": results.converged, "SIMILARITY": results.similarity, "TRACE": trace,
+            "NEAREST": np.array([(pid or "").encode() for pid in results.nearest], dtype=np.object_)}
+
+
+def decode_results(outputs: dict[str, np.ndarray]) -> MemoryResults:
+    """A run's outputs, without the batch dimension, back to the columns the registry returned."""
+    trace = outputs["TRACE"]
+    return MemoryResults(states=outputs["STATES"], energy=outputs["ENERGY"], steps=outputs["STEPS"],
+                         converged=outputs["CONVERGED"], similarity=outputs["SIMILARITY"],
+                         nearest=[pid.decode() or None for pid in outputs["NEAREST"]],
+                         trace=trace if trace.shape[1] else None)
 
 
 def bank_info(payload: dict) -> BankInfo:
-    return BankInfo(**payload)
+    return BankInfo.model_validate(payload)
 
 
 # ----- the model's request handling ------------------------------------------------------------
@@ -81,7 +111,7 @@ class AssociativeMemory:
                 args = json.loads(text_value(inputs["ARGS"]))
                 if not isinstance(args, dict):
                     raise InvalidArgument("ARGS must be a JSON object")
-                vectors = NO_STATES if inputs["VECTORS"] is None else inputs["VECTORS"]
+                vectors = NO_VECTORS if inputs["VECTORS"] is None else inputs["VECTORS"]
                 if op == "run":
                     options = _options(args)
                     part = self.registry.check_queries(bank, vectors, inputs["CLAMP"])
@@ -109,11 +139,11 @@ class AssociativeMemory:
     def _single(self, op: str, bank: str, args: dict, vectors: np.ndarray) -> Outputs:
         registry = self.registry
         if op == "create":
-            result = asdict(registry.create(bank, args.get("kind"), args.get("dim"), args.get("params")))
+            result = registry.create(bank, args.get("kind"), args.get("dim"), args.get("params")).model_dump()
         elif op == "list":
-            result = [asdict(info) for info in registry.list()]
+            result = [info.model_dump() for info in registry.list()]
         elif op == "info":
-            result = asdict(registry.info(bank))
+            result = registry.info(bank).model_dump()
         elif op == "delete":
             registry.delete(bank)
             result = {}
@@ -125,7 +155,7 @@ class AssociativeMemory:
             result = {}
         else:
             raise InvalidArgument(f"unknown op {op!r}; expected one of {', '.join(OPS)}", field="op")
-        return {"STATES": NO_STATES, "RESULT": json_tensor(result)}
+        return {"RESULT": json_tensor(result)}
 
 
 def _options(args: dict) -> DynamicsOptions:

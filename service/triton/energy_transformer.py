@@ -1,7 +1,7 @@
 """The `energy_transformer` Triton model: its wire format and its request handling.
 
 One request is one image, a batch item of size 1 (so Triton's `max_batch_size` counts requests).
-Inputs, without the batch dimension:
+Inputs, without the batch dimension (names and types in service/triton/spec.py):
 
     IMAGE         FP32  [H, W]   pixels in [0, 1]; values under the mask are ignored (ragged)
     MISSING       BOOL  [H, W]   True = unknown pixel, to be completed (ragged)
@@ -29,9 +29,6 @@ from pathlib import Path
 from service.engines import energy_transformer
 from service.engines.energy_transformer import EnergyTransformer
 from service.errors import InvalidArgument, Unavailable
-
-MODEL_NAME = "energy_transformer"
-INPUT_NAMES = ("IMAGE", "MISSING", "STEPS")
 
 Outputs = dict[str, np.ndarray]
 
@@ -104,7 +101,3 @@ def request_arrays(image: np.ndarray, missing: np.ndarray, steps: int | None) ->
         arrays["STEPS"] = np.array([[steps]], dtype=np.int32)
     return arrays
 
-
-def decode_answer(image: np.ndarray, trace: np.ndarray) -> tuple[np.ndarray, list[float]]:
-    """float32 outputs (without batch dimension) to the embedded backend's (image, trace.tolist())."""
-    return image, trace.tolist()

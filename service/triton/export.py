@@ -1,6 +1,6 @@
 """Writes the Triton model repository: one `<model>/config.pbtxt` and `<model>/1/model.py` per model.
 
-Each model is described by a ModelSpec; its config is built as a `ModelConfig` protobuf (the schema
+Each model is described by a ModelSpec (service/triton/spec.py); its config is built as a `ModelConfig` protobuf (the schema
 Triton parses) and written in text format, so field names and types are checked on export. The
 model.py files are the sources under `service/triton/templates/`, copied verbatim: thin Python-backend
 classes whose logic lives in `service`.
@@ -10,12 +10,14 @@ Weights lie beside each model.py: the Energy Transformer's small files are check
 from the default GGUF by `export_llm` (`amserve export` does it unless --skip-llm) and git-ignored.
 
 The checked-in `model_repository/` is `export()`'s output for the service's default settings with
-KIND_CPU; `read_batching_config` hands the same batching knobs to the embedded backend.
+KIND_CPU. The Energy Transformer's config publishes its `image_size` (read from the weights' config)
+so that the gateway knows it without reading the repository's files.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -28,80 +30,17 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from service.config import Settings
-from service.triton.llm import DEFAULT_NAME as DEFAULT_LM_NAME
+from service.engines.energy_transformer import CONFIG_FILE as ET_CONFIG, WEIGHTS_FILE as ET_WEIGHTS_FILE
+from service.engines.lm.weights import DEFAULT_MODEL_NAME
+from service.triton.spec import ENERGY_TRANSFORMER, LLM, MODELS, ModelSpec
 
 TEMPLATES = Path(__file__).parent / "templates"
 # The checked-in repository, where the Energy Transformer's trained weights are kept.
 SHIPPED_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
-ET_WEIGHTS = ("et_config.json", "model.safetensors")
+ET_WEIGHTS = (ET_CONFIG, ET_WEIGHTS_FILE)
 LLM_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
-CONFIG_HEADER = "# Written by `amserve export`; edit the ModelSpec in service/triton/export.py, not this file.\n"
+CONFIG_HEADER = "# Written by `amserve export`; edit its ModelSpec in service/triton/spec.py, not this file.\n"
 DEVICE_KINDS = ("auto", "cpu", "gpu")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    data_type: str  # a Triton DataType name, e.g. "TYPE_FP32"
-    dims: tuple[int, ...]  # without the batch dimension
-    optional: bool = False
-    ragged: bool = False  # requests of one batch may differ in shape
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    template: str  # file name under service/triton/templates/, written as <name>/1/model.py
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    parameters: tuple[str, ...] = ()  # export settings the model reads from its config parameters
-    decoupled: bool = False  # the model streams any number of responses per request
-
-
-ASSOCIATIVE_MEMORY = ModelSpec(
-    name="associative_memory",
-    template="associative_memory_model.py",
-    inputs=(
-        TensorSpec("OP", "TYPE_STRING", (1,)),
-        TensorSpec("BANK", "TYPE_STRING", (1,)),
-        TensorSpec("ARGS", "TYPE_STRING", (1,)),
-        TensorSpec("VECTORS", "TYPE_FP32", (-1, -1), optional=True, ragged=True),
-        TensorSpec("CLAMP", "TYPE_BOOL", (-1, -1), optional=True, ragged=True),
-    ),
-    outputs=(
-        TensorSpec("STATES", "TYPE_FP32", (-1, -1)),
-        TensorSpec("RESULT", "TYPE_STRING", (1,)),
-    ),
-    parameters=("data_dir",),
-)
-
-ENERGY_TRANSFORMER = ModelSpec(
-    name="energy_transformer",
-    template="energy_transformer_model.py",
-    inputs=(
-        TensorSpec("IMAGE", "TYPE_FP32", (-1, -1), ragged=True),
-        TensorSpec("MISSING", "TYPE_BOOL", (-1, -1), ragged=True),
-        TensorSpec("STEPS", "TYPE_INT32", (1,), optional=True),
-    ),
-    outputs=(
-        TensorSpec("IMAGE", "TYPE_FP32", (-1, -1)),
-        TensorSpec("ENERGY_TRACE", "TYPE_FP32", (-1,)),
-    ),
-)
-
-LLM = ModelSpec(
-    name="llm",
-    template="llm_model.py",
-    inputs=(
-        TensorSpec("PROMPT", "TYPE_STRING", (1,)),
-        TensorSpec("PARAMS", "TYPE_STRING", (1,)),
-    ),
-    outputs=(TensorSpec("TOKEN", "TYPE_STRING", (1,)),),
-    parameters=("served_model_name", "max_running_sequences", "max_waiting_sequences", "max_context"),
-    decoupled=True,
-)
-
-MODELS: tuple[ModelSpec, ...] = (ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER, LLM)
 
 
 @dataclass(frozen=True)
@@ -137,7 +76,8 @@ def model_config(spec: ModelSpec, batching: Batching, kind: int, settings: dict[
     if spec.decoupled:
         config.model_transaction_policy.decoupled = True
     for key in spec.parameters:
-        config.parameters[key].string_value = settings[key]
+        if key in settings:  # the Energy Transformer's image_size only where its weights are
+            config.parameters[key].string_value = settings[key]
     return config
 
 
@@ -150,7 +90,7 @@ def export(
     max_queue_size: int,
     device_kind: str = "auto",
     models: Sequence[ModelSpec] = MODELS,
-    served_model_name: str = DEFAULT_LM_NAME,
+    served_model_name: str = DEFAULT_MODEL_NAME,
     max_running_sequences: int | None = None,
     max_waiting_sequences: int | None = None,
     max_context: int | None = None,
@@ -177,13 +117,21 @@ def export(
     for spec in models:
         version = repository / spec.name / "1"
         version.mkdir(parents=True, exist_ok=True)
+        if spec is ENERGY_TRANSFORMER:
+            _copy_shipped_et_weights(version)
+            settings.update(_image_size(version))
         config_path = repository / spec.name / "config.pbtxt"
         config_path.write_text(CONFIG_HEADER + text_format.MessageToString(model_config(spec, batching, kind, settings)))
         model_path = shutil.copyfile(TEMPLATES / spec.template, version / "model.py")
         written += [config_path, Path(model_path)]
-        if spec is ENERGY_TRANSFORMER:
-            _copy_shipped_et_weights(version)
     return written
+
+
+def _image_size(version: Path) -> dict[str, str]:
+    """{"image_size": …} from the Energy Transformer's weights beside its model.py; {} without them."""
+    if not all((version / name).is_file() for name in ET_WEIGHTS):
+        return {}
+    return {"image_size": str(json.loads((version / ET_CONFIG).read_text())["image_size"])}
 
 
 def _copy_shipped_et_weights(version: Path) -> None:
@@ -223,13 +171,6 @@ def export_llm(repository: str | Path, gguf: str | Path | None = None, *, progre
 def read_config(repository: str | Path, model: str) -> pb.ModelConfig:
     path = Path(repository) / model / "config.pbtxt"
     return text_format.Parse(path.read_text(), pb.ModelConfig())
-
-
-def read_batching_config(repository: str | Path, model: str = ASSOCIATIVE_MEMORY.name) -> tuple[int, int, int]:
-    """(max_batch_size, max_queue_delay_us, max_queue_size) from `<repository>/<model>/config.pbtxt`."""
-    config = read_config(repository, model)
-    batcher = config.dynamic_batching
-    return config.max_batch_size, batcher.max_queue_delay_microseconds, batcher.default_queue_policy.max_queue_size
 
 
 # ----- `amserve export` ----------------------------------------------------------------------

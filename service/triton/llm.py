@@ -33,16 +33,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.engines.lm import SamplingParams
+from service.engines.lm.weights import DEFAULT_MODEL_NAME
 from service.serving.scheduler import FinishEvent, GenerationRequest, RequestHandle, Scheduler, TokenEvent, event_dict
 from service.errors import InvalidArgument
-from service.triton.wire import text_value
+from service.triton.wire import text_tensor, text_value
 
-MODEL_NAME = "llm"
-INPUT_NAMES = ("PROMPT", "PARAMS")
-DEFAULT_NAME = "smollm2-135m-instruct"  # the default model's served name, as over the embedded backend
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
-# Config parameters (written by `amserve export`): the served name and the scheduler's limits.
-PARAMETERS = ("served_model_name", "max_running_sequences", "max_waiting_sequences", "max_context")
 
 
 class Stream(Protocol):
@@ -99,7 +95,7 @@ class _Generation:
 
 
 class TextGeneration:
-    def __init__(self, scheduler: Scheduler, name: str = DEFAULT_NAME, *, watch_interval: float = 0.1):
+    def __init__(self, scheduler: Scheduler, name: str = DEFAULT_MODEL_NAME, *, watch_interval: float = 0.1):
         self.scheduler = scheduler
         self.name = name
         self._lock = threading.Lock()
@@ -118,7 +114,7 @@ class TextGeneration:
         scheduler = Scheduler(model, tokenizer, max_batch_size=int(parameters["max_running_sequences"]),
                               max_waiting=int(parameters["max_waiting_sequences"]),
                               max_context=int(parameters["max_context"]))
-        return cls(scheduler, parameters.get("served_model_name") or DEFAULT_NAME)
+        return cls(scheduler, parameters.get("served_model_name") or DEFAULT_MODEL_NAME)
 
     def start(self, inputs: dict[str, np.ndarray | None], stream: Stream) -> None:
         """Submit one request; its events go to `stream` from the scheduler's thread. A refusal is
@@ -184,8 +180,7 @@ def request_arrays(prompt: str, params: SamplingParams, timeout: float | None) -
     values["stop"] = list(params.stop)
     if timeout is not None:
         values["timeout"] = timeout
-    return {"PROMPT": np.array([[prompt.encode("utf-8", "surrogatepass")]], dtype=np.object_),
-            "PARAMS": np.array([[json.dumps(values).encode("utf-8")]], dtype=np.object_)}
+    return {"PROMPT": text_tensor(prompt), "PARAMS": text_tensor(json.dumps(values))}
 
 
 def decode_event(token: np.ndarray) -> dict:

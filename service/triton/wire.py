@@ -58,8 +58,13 @@ def _subclasses(cls: type) -> list[type]:
 
 
 def json_tensor(value: Any) -> np.ndarray:
-    """A BYTES tensor [1] holding `value` as JSON (the model adds the batch dimension)."""
+    """A BYTES output [1] holding `value` as JSON (the model adds the batch dimension)."""
     return np.array([json.dumps(value)], dtype=np.object_)
+
+
+def text_tensor(text: str) -> np.ndarray:
+    """A BYTES input [1, 1] holding `text` (a batch of one); lone surrogates pass through as they came."""
+    return np.array([[text.encode("utf-8", "surrogatepass")]], dtype=np.object_)
 
 
 def text_value(value: np.ndarray | None) -> str:

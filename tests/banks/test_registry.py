@@ -5,13 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.banks.registry import BankRegistry, DynamicsOptions, MemoryResults
 from service.banks.store import SQLiteStore
-from service.banks.registry import BankRegistry, DynamicsOptions
 from service.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
 
 
 def registry_at(path) -> BankRegistry:
     return BankRegistry(SQLiteStore(path))
+
+
+def run(registry: BankRegistry, name: str, queries, clamp=None, options=DynamicsOptions()) -> MemoryResults:
+    """One request, checked and run as a batch of one, as both backends do."""
+    return registry.run_batch(name, [registry.check_queries(name, queries, clamp)], options)[0]
 
 
 def test_restart_rebuilds_banks_rows_and_ids_after_deletions(tmp_path):
@@ -25,21 +30,21 @@ def test_restart_rebuilds_banks_rows_and_ids_after_deletions(tmp_path):
         first.store_patterns(name, patterns, ids)
         first.delete_pattern(name, "p1")  # swap-removal moves p5 into row 1
         first.delete_pattern(name, "p3")
-    before = first.run("m", patterns, None, DynamicsOptions(steps=5))
-    before_d = first.run("d", patterns, None, DynamicsOptions(steps=5))
+    before = run(first, "m", patterns, options=DynamicsOptions(steps=5))
+    before_d = run(first, "d", patterns, options=DynamicsOptions(steps=5))
     first.store.close()
 
     again = registry_at(tmp_path)
     assert [b.name for b in again.list()] == ["d", "m"]
     assert again.info("m").count == 4 and again.info("d").params["seed"] == 3
-    after = again.run("m", patterns, None, DynamicsOptions(steps=5))
-    after_d = again.run("d", patterns, None, DynamicsOptions(steps=5))
-    for b, a in zip(before + before_d, after + after_d):
-        assert a.nearest["id"] == b.nearest["id"]
-        assert a.nearest["similarity"] == pytest.approx(b.nearest["similarity"], abs=1e-5)
-        np.testing.assert_allclose(a.state, b.state, rtol=1e-5, atol=1e-6)
-        assert a.energy == pytest.approx(b.energy, rel=1e-5, abs=1e-6)
-    assert [after[i].nearest["id"] for i in (0, 2, 4, 5)] == ["p0", "p2", "p4", "p5"]
+    after = run(again, "m", patterns, options=DynamicsOptions(steps=5))
+    after_d = run(again, "d", patterns, options=DynamicsOptions(steps=5))
+    for b, a in ((before, after), (before_d, after_d)):
+        assert a.nearest == b.nearest
+        np.testing.assert_allclose(a.similarity, b.similarity, atol=1e-5)
+        np.testing.assert_allclose(a.states, b.states, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.energy, b.energy, rtol=1e-5, atol=1e-6)
+    assert [after.nearest[i] for i in (0, 2, 4, 5)] == ["p0", "p2", "p4", "p5"]
 
 
 def test_nearest_ids_follow_swap_removal(tmp_path):
@@ -48,8 +53,7 @@ def test_nearest_ids_follow_swap_removal(tmp_path):
     eye = np.eye(3, dtype=np.float32)
     registry.store_patterns("b", eye, ["x", "y", "z"])
     registry.delete_pattern("b", "x")  # z moves into x's row
-    results = registry.run("b", eye[1:], None, DynamicsOptions())
-    assert [r.nearest["id"] for r in results] == ["y", "z"]
+    assert run(registry, "b", eye[1:]).nearest == ["y", "z"]
 
 
 def test_store_idempotency_and_conflicts(tmp_path):
@@ -87,3 +91,35 @@ def test_failed_commit_leaves_serving_state_unchanged(tmp_path):
     with pytest.raises(Unavailable):
         registry.store_patterns("b", np.array([[1, 0]], np.float32), ["a"])
     assert registry.info("b").count == 0
+
+
+def test_queries_and_masks_are_checked_against_the_bank(tmp_path):
+    registry = registry_at(tmp_path)
+    registry.create("b", "modern", 4, {})
+    registry.create("c", "classical", 4, {})
+    cues = np.ones((2, 4), np.float32)
+    for queries, clamp, field in [
+        (np.ones((2, 5), np.float32), None, "queries"),            # the bank's dim
+        (np.ones((0, 4), np.float32), None, "queries"),            # empty
+        (cues, np.ones((3, 4), bool), "mask"),                     # mask shape
+        (cues, np.ones((2, 4), np.float32), "mask"),               # mask type
+    ]:
+        with pytest.raises(InvalidArgument) as info:
+            registry.check_queries("b", queries, clamp)
+        assert info.value.field == field
+    with pytest.raises(InvalidArgument) as info:  # binary kinds take ±1 cues
+        registry.check_queries("c", np.full((1, 4), 0.5, np.float32), None)
+    assert info.value.field == "queries"
+    registry.check_queries("c", np.full((1, 4), 0.5, np.float32), np.ones((1, 4), bool))  # a completion may
+
+
+def test_a_batch_splits_into_one_result_per_request(tmp_path):
+    registry = registry_at(tmp_path)
+    registry.create("b", "modern", 3, {"beta": 50.0})
+    eye = np.eye(3, dtype=np.float32)
+    registry.store_patterns("b", eye, ["x", "y", "z"])
+    parts = [registry.check_queries("b", eye[i:j], None) for i, j in ((0, 2), (2, 3))]
+    first, second = registry.run_batch("b", parts, DynamicsOptions(trace=True))
+    assert (first.nearest, second.nearest) == (["x", "y"], ["z"])
+    assert first.states.shape == (2, 3) and second.trace.shape[0] == 1
+    assert first == run(registry, "b", eye[:2], options=DynamicsOptions(trace=True))

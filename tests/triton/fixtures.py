@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from service.config import Settings
 from service.engines import energy_transformer
-from service.triton.export import ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER, LLM, MODELS, ModelSpec, export
+from service.triton.export import export
+from service.triton.spec import ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER, LLM, MODELS, ModelSpec
 from service.triton.launcher import TritonServer
 
 TEST_LM_NAME = "tiny-gpt2"

@@ -10,11 +10,11 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from service.backends.triton import service_error
+from service.banks.registry import BankRegistry, DynamicsOptions, MemoryResults
 from service.banks.store import SQLiteStore
-from service.banks.registry import BankRegistry, DynamicsOptions
 from service.errors import (AlreadyExists, Conflict, InvalidArgument, NotFound, Overloaded, ServiceError,
                             TooLarge, TooManyRequests, Unavailable)
-from service.triton.associative_memory import AssociativeMemory, decode_results
+from service.triton.associative_memory import RUN_OUTPUTS, AssociativeMemory, decode_results
 from service.triton.wire import error_from_message, error_message
 
 DIM = 16
@@ -32,6 +32,15 @@ def request(op: str, bank: str = "", args: dict | None = None, vectors=None, cla
 def run_request(bank: str, queries: np.ndarray, clamp=None, **options) -> dict:
     args = {"steps": None, "step_size": None, "tolerance": None, "trace": False, **options}
     return request("run", bank, args, queries, clamp)
+
+
+def run_alone(registry: BankRegistry, bank: str, queries, clamp=None, options=DynamicsOptions()):
+    """The same request checked and run on its own, as the embedded backend does."""
+    return registry.run_batch(bank, [registry.check_queries(bank, queries, clamp)], options)[0]
+
+
+def results(answer: dict) -> MemoryResults:
+    return decode_results({name: answer[name] for name in RUN_OUTPUTS})
 
 
 class CountingRegistry(BankRegistry):
@@ -76,13 +85,13 @@ def test_runs_share_one_engine_call_per_bank_and_options(registry, patterns):
     assert sorted(registry.batches) == [("a", [1]), ("a", [2, 1, 3]), ("b", [1])]
     for req, answer in zip(requests, answers):
         assert isinstance(answer, dict), answer
-        got = decode_results(answer["STATES"], json.loads(answer["RESULT"][0]))
-        alone = registry.run(req["BANK"][0].decode(), req["VECTORS"], req["CLAMP"],
-                             DynamicsOptions(**json.loads(req["ARGS"][0])))
-        assert [r.nearest["id"] for r in got] == [r.nearest["id"] for r in alone]
-        np.testing.assert_allclose([r.state for r in got], [r.state for r in alone], rtol=1e-5, atol=1e-6)
-    completed = decode_results(answers[2]["STATES"], json.loads(answers[2]["RESULT"][0]))[0]
-    np.testing.assert_array_equal(completed.state[:4], patterns[3, :4])  # clamped entries kept
+        got = results(answer)
+        alone = run_alone(registry, req["BANK"][0].decode(), req["VECTORS"], req["CLAMP"],
+                          DynamicsOptions(**json.loads(req["ARGS"][0])))
+        assert got.nearest == alone.nearest
+        np.testing.assert_allclose(got.states, alone.states, rtol=1e-5, atol=1e-6)
+    completed = results(answers[2])
+    np.testing.assert_array_equal(completed.states[0, :4], patterns[3, :4])  # clamped entries kept
 
 
 def test_a_bad_request_fails_alone(registry, patterns):
@@ -115,17 +124,20 @@ def test_requests_see_the_effects_of_earlier_ones_in_the_batch(registry, pattern
     ])
     assert json.loads(answers[0]["RESULT"][0])["name"] == "c"
     assert json.loads(answers[1]["RESULT"][0]) == {"ids": ["x"], "count": 1}
-    assert json.loads(answers[2]["RESULT"][0])[0]["nearest"]["id"] == "x"
+    assert results(answers[2]).nearest == ["x"]
     assert json.loads(answers[3]["RESULT"][0]) == {}
     assert isinstance(answers[4], NotFound) and isinstance(answers[5], NotFound)
 
 
 def test_results_cross_the_wire_unchanged(registry, patterns):
-    """float32 states and JSON fields decode to the exact MemoryResults the registry returned."""
-    direct = registry.run("a", patterns[:3] * 0.5, None, DynamicsOptions(trace=True))
+    """The columns, sent as raw tensor bytes, decode to the exact MemoryResults the registry returned."""
+    direct = run_alone(registry, "a", patterns[:3] * 0.5, options=DynamicsOptions(trace=True))
     [answer] = AssociativeMemory(registry).execute([run_request("a", patterns[:3] * 0.5, trace=True)])
-    states = np.frombuffer(answer["STATES"].tobytes(), np.float32).reshape(answer["STATES"].shape)
-    assert decode_results(states, json.loads(answer["RESULT"][0])) == direct
+    sent = {name: value if value.dtype == np.object_ else np.frombuffer(value.tobytes(), value.dtype).reshape(
+        value.shape) for name, value in answer.items()}
+    assert set(sent) == set(RUN_OUTPUTS)
+    assert results(sent) == direct
+    assert np.isnan(direct.trace).any() or direct.steps.min() == direct.steps.max()
 
 
 @pytest.mark.parametrize("error", [

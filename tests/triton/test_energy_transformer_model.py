@@ -9,7 +9,7 @@ import torch
 
 from service.engines.energy_transformer import EnergyTransformer, ETConfig
 from service.errors import InvalidArgument, Unavailable
-from service.triton.energy_transformer import ImageCompletion, decode_answer, request_arrays
+from service.triton.energy_transformer import ImageCompletion, request_arrays
 
 
 class CountingET(EnergyTransformer):
@@ -57,10 +57,10 @@ def test_one_engine_call_per_steps_value_and_answers_equal_the_engine(model):
         steps = 3 if index in (1, 3) else None
         expected, trace = model.complete(torch.from_numpy(pixels[index][None]), torch.from_numpy(missing[index][None]),
                                          steps=steps)
-        image, energies = decode_answer(answer["IMAGE"], answer["ENERGY_TRACE"])
+        image, energies = answer["IMAGE"], answer["ENERGY_TRACE"]
         assert image.dtype == np.float32 and image.shape == (8, 8)
         np.testing.assert_allclose(image, expected[0].numpy(), atol=1e-6)
-        np.testing.assert_allclose(energies, trace[0].tolist(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(energies, trace[0].numpy(), rtol=1e-6, atol=1e-6)
         assert len(energies) == (steps if steps is not None else model.config.steps) + 1
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.config import Settings
-from service.triton.export import LLM_FILES, export, export_llm, llm_exported, read_batching_config, read_config
+from service.triton.export import ET_WEIGHTS, LLM_FILES, export, export_llm, llm_exported, read_config
 from tritonclient.grpc import model_config_pb2 as pb
 
 CHECKED_IN = Path(__file__).resolve().parents[2] / "model_repository"
@@ -29,8 +29,9 @@ def test_checked_in_repository_is_the_default_export(tmp_path):
 def test_batching_knobs_round_trip(tmp_path):
     export(tmp_path, data_dir="/srv/banks", max_batch_size=7, max_queue_delay_us=1234, max_queue_size=99,
            device_kind="gpu")
-    assert read_batching_config(tmp_path) == (7, 1234, 99)
     config = read_config(tmp_path, "associative_memory")
+    assert (config.max_batch_size, config.dynamic_batching.max_queue_delay_microseconds,
+            config.dynamic_batching.default_queue_policy.max_queue_size) == (7, 1234, 99)
     assert config.backend == "python"
     assert [(g.count, g.kind) for g in config.instance_group] == [(1, pb.ModelInstanceGroup.KIND_GPU)]
     assert config.parameters["data_dir"].string_value == "/srv/banks"
@@ -55,6 +56,9 @@ def test_image_and_text_models(tmp_path):
     assert inputs["IMAGE"].allow_ragged_batch and inputs["MISSING"].allow_ragged_batch
     assert inputs["STEPS"].optional and not inputs["IMAGE"].optional
     assert [tensor.name for tensor in image.output] == ["IMAGE", "ENERGY_TRACE"]
+    # The shipped weights are copied along, and their image size is published for the gateway.
+    assert all((tmp_path / "energy_transformer" / "1" / name).is_file() for name in ET_WEIGHTS)
+    assert image.parameters["image_size"].string_value == "8"
     text = read_config(tmp_path, "llm")
     assert text.model_transaction_policy.decoupled
     assert [(g.count, g.kind) for g in text.instance_group] == [(1, pb.ModelInstanceGroup.KIND_CPU)]
@@ -103,3 +107,11 @@ def test_amserve_export_writes_the_repository_and_the_llm_unless_skipped(tmp_pat
     assert llm_exported(tmp_path / "b") and len(calls) == 1
     assert main(["export", "--model-repository", str(tmp_path / "b"), "--device-kind", "cpu"]) == 0
     assert len(calls) == 1 and "already converted" in capsys.readouterr().out
+
+
+def test_no_image_size_is_published_without_weights(tmp_path, monkeypatch):
+    from service.triton import export as module
+
+    monkeypatch.setattr(module, "SHIPPED_REPOSITORY", tmp_path / "nothing-shipped")
+    export(tmp_path, data_dir="data", max_batch_size=1, max_queue_delay_us=0, max_queue_size=1, device_kind="cpu")
+    assert "image_size" not in read_config(tmp_path, "energy_transformer").parameters

@@ -11,11 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from service.backends.embedded import DEFAULT_LM
 from service.engines.lm import SamplingParams, load_model
 from service.serving.scheduler import Scheduler
 from service.errors import InvalidArgument, Overloaded
-from service.triton.llm import DEFAULT_NAME, TextGeneration, decode_event, parse_request, request_arrays
+from service.triton.llm import TextGeneration, decode_event, parse_request, request_arrays
 from tests.triton.fixtures import TEST_LM_CONTEXT, write_test_lm
 
 
@@ -68,10 +67,6 @@ def inputs(prompt: str, params: SamplingParams, timeout: float | None = None) ->
     return {name: array[0] for name, array in arrays.items()}
 
 
-def test_the_default_name_is_the_embedded_backends():
-    assert DEFAULT_NAME == DEFAULT_LM
-
-
 def test_parameters_round_trip_and_bad_ones_name_their_field():
     params = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, top_p=0.9, seed=11, stop=("a", "b"), logprobs=2)
     parsed = parse_request(*inputs("héllo \ud800", params, timeout=2.5).values())
@@ -102,7 +97,7 @@ def test_events_are_the_embedded_backends_dicts(generation):
     [(finish, final)] = stream.events[-1:]
     assert final and len(tokens) == 6 and all(not f for _, f in stream.events[:-1])
     assert finish == {"type": "finish", "finish_reason": "length", "text": finish["text"], "error": None,
-                      "usage": {"prompt_tokens": 1, "completion_tokens": 6}}
+                      "usage": {"prompt_tokens": 1, "completion_tokens": 6, "total_tokens": 7}}
     decode = generation.scheduler.tokenizer.decode
     for event in tokens:
         assert set(event) == {"type", "token_id", "text", "logprobs"} and event["type"] == "token"

