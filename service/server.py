@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2
 
 from service.api.auth import load_keys
 from service.api.grpc_server import SERVICE_NAME, create_server
-from service.api.operations import Limits
+from service.api.operations import Limits, Operations
 from service.api.rest import create_app
 from service.backends.base import Backend
 from service.config import Settings
@@ -49,15 +49,16 @@ async def serve(settings: Settings, backend: Backend | None = None) -> None:
         log.warning("amserve: no API keys configured: the service is OPEN (no authentication, one bank namespace)")
     backend = backend or build_backend(settings)
     await backend.start()
-    limits = Limits(max_vectors=settings.max_vectors_per_request, max_dim=settings.max_dim, max_new_tokens=settings.max_new_tokens,
-                    max_streams_per_tenant=settings.max_streams_per_tenant)
-    app = create_app(backend, max_body_bytes=settings.max_body_bytes, api_keys=api_keys,
-                     protect_metrics=settings.protect_metrics, limits=limits, max_in_flight=settings.max_in_flight)
+    # One operations layer for both transports: they share its limits and its per-tenant stream count.
+    ops = Operations(backend, Limits(max_vectors=settings.max_vectors_per_request, max_dim=settings.max_dim,
+                                     max_new_tokens=settings.max_new_tokens,
+                                     max_streams_per_tenant=settings.max_streams_per_tenant))
+    app = create_app(ops, max_body_bytes=settings.max_body_bytes, api_keys=api_keys,
+                     protect_metrics=settings.protect_metrics, max_in_flight=settings.max_in_flight)
     rest = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.rest_port, log_level="warning",
                                          lifespan="off", timeout_graceful_shutdown=30))
     rest.install_signal_handlers = lambda: None  # this function owns SIGINT/SIGTERM for both transports
-    grpc_server, health_servicer = create_server(backend, max_message_bytes=settings.max_body_bytes,
-                                                 api_keys=api_keys, limits=limits,
+    grpc_server, health_servicer = create_server(ops, max_message_bytes=settings.max_body_bytes, api_keys=api_keys,
                                                  max_in_flight=settings.max_in_flight)
     grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     await grpc_server.start()

@@ -16,10 +16,10 @@ from service import errors, metrics
 from service.api import schemas
 from service.api.auth import ApiKeys
 from service.api.errors import grpc_code, validation_error
-from service.api.operations import Limits, Operations
+from service.api.operations import Operations
 from service.api.pb import amserve_pb2 as pb
 from service.api.pb import amserve_pb2_grpc as pb_grpc
-from service.backends.base import Backend
+from service.banks.registry import BankInfo
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Amserve"].full_name
 
@@ -30,7 +30,7 @@ def _struct(values: dict) -> struct_pb2.Struct:
     return message
 
 
-def _bank_info(info: schemas.BankInfo) -> pb.BankInfo:
+def _bank_info(info: BankInfo) -> pb.BankInfo:
     return pb.BankInfo(name=info.name, kind=info.kind, dim=info.dim, params=_struct(info.params),
                        count=info.count, bytes=info.bytes)
 
@@ -178,14 +178,13 @@ def _generate_chunk(chunk: dict) -> pb.GenerateChunk:
     return message
 
 
-def create_server(backend: Backend, *, max_message_bytes: int = 64 * 1024 * 1024, api_keys: ApiKeys = ApiKeys({}),
-                  limits: Limits = Limits(), max_in_flight: int = 512
-                  ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def create_server(ops: Operations, *, max_message_bytes: int = 64 * 1024 * 1024, api_keys: ApiKeys = ApiKeys({}),
+                  max_in_flight: int = 512) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
     # Past max_in_flight concurrent RPCs grpc answers RESOURCE_EXHAUSTED at once (load shedding).
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_in_flight)
-    pb_grpc.add_AmserveServicer_to_server(AmserveServicer(Operations(backend, limits), api_keys), server)
+    pb_grpc.add_AmserveServicer_to_server(AmserveServicer(ops, api_keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
