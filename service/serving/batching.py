@@ -52,10 +52,6 @@ class MicroBatcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    @property
-    def waiting(self) -> int:
-        return self._waiting
-
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._dispatch_forever())
 

@@ -30,11 +30,6 @@ def dense_energy_from_overlaps(overlaps: Tensor, energy: str, n: int, beta: floa
     return -torch.logsumexp(beta * overlaps, dim=-1) / beta
 
 
-def dense_energy(states: Tensor, patterns: Tensor, energy: str = "poly", n: int = 3, beta: float = 1.0) -> Tensor:
-    """E(v) for each row of `states` against K×D `patterns`."""
-    return dense_energy_from_overlaps(states @ patterns.T, energy, n, beta)
-
-
 class DenseMemory(BinaryMemory):
     kind = "dense"
 
