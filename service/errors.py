@@ -36,14 +36,18 @@ class TooLarge(ServiceError):
     code = "too_large"
 
 
-class Overloaded(ServiceError):
-    """Queue full: the client should retry after `retry_after` seconds."""
-
-    code = "overloaded"
+class Retryable(ServiceError):
+    """Not the request's fault: the same request may succeed after `retry_after` seconds."""
 
     def __init__(self, message: str, *, retry_after: float = 1.0):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Overloaded(Retryable):
+    """Queue full: the client should retry after `retry_after` seconds."""
+
+    code = "overloaded"
 
 
 class TooManyRequests(Overloaded):
@@ -52,11 +56,7 @@ class TooManyRequests(Overloaded):
     code = "too_many_requests"
 
 
-class Unavailable(ServiceError):
+class Unavailable(Retryable):
     """A dependency (Triton, the data dir) cannot serve right now."""
 
     code = "unavailable"
-
-    def __init__(self, message: str, *, retry_after: float = 1.0):
-        super().__init__(message)
-        self.retry_after = retry_after

@@ -34,6 +34,16 @@ def check_matrix(rows: list[list[Any]]) -> list[list[Any]]:
     return rows
 
 
+def shaped_like(other: str):
+    """A validator: the mask has the shape of the field `other` (when that one parsed)."""
+    def check(mask: list[list[bool]], info: ValidationInfo) -> list[list[bool]]:
+        rows = info.data.get(other)
+        if rows is not None and (len(mask) != len(rows) or any(len(m) != len(r) for m, r in zip(mask, rows))):
+            raise ValueError(f"mask must have the same shape as {other}")
+        return mask
+    return check
+
+
 class CreateBank(Strict):
     kind: str
     dim: int = Field(ge=1, le=MAX_DIM)
@@ -73,13 +83,7 @@ class RetrieveRequest(DynamicsRequest):
 class CompleteRequest(DynamicsRequest):
     mask: list[list[bool]] = Field(min_length=1, description="true = known entry, clamped")
 
-    @field_validator("mask")
-    @classmethod
-    def _same_shape_as_queries(cls, mask: list[list[bool]], info: ValidationInfo) -> list[list[bool]]:
-        queries = info.data.get("queries")
-        if queries is not None and (len(mask) != len(queries) or any(len(m) != len(q) for m, q in zip(mask, queries))):
-            raise ValueError("mask must have the same shape as queries")
-        return mask
+    _same_shape_as_queries = field_validator("mask")(shaped_like("queries"))
 
 
 class Nearest(BaseModel):
@@ -129,13 +133,7 @@ class CompleteImageRequest(Strict):
             raise ValueError("pixel values must be in [0, 1]")
         return image
 
-    @field_validator("mask")
-    @classmethod
-    def _same_shape_as_image(cls, mask: list[list[bool]], info: ValidationInfo) -> list[list[bool]]:
-        image = info.data.get("image")
-        if image is not None and (len(mask) != len(image) or any(len(m) != len(r) for m, r in zip(mask, image))):
-            raise ValueError("mask must have the same shape as image")
-        return mask
+    _same_shape_as_image = field_validator("mask")(shaped_like("image"))
 
 
 class CompleteImageResponse(BaseModel):

@@ -2,7 +2,7 @@
 service errors carried as JSON in a failed response's message.
 
 A failed response's message is `error_message(exc)`: {code, field, message} (plus retry_after for
-Overloaded/Unavailable), which `error_from_message` turns back into the same exception class on the
+a Retryable error), which `error_from_message` turns back into the same exception class on the
 gateway's side, so a 422 over the triton backend names the same field as over the embedded one.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import InvalidArgument, Overloaded, ServiceError, Unavailable
+from service.errors import InvalidArgument, Retryable, ServiceError
 
 # Triton's status name per service error code, so Triton's logs and statistics tell them apart; the
 # client reads the code from the JSON message. Model files map these names to pb_utils.TritonError codes.
@@ -30,7 +30,7 @@ def error_message(exc: BaseException) -> str:
     if not isinstance(exc, ServiceError):
         return json.dumps({"code": ServiceError.code, "field": None, "message": f"{type(exc).__name__}: {exc}"})
     payload = {"code": exc.code, "field": exc.field, "message": exc.message}
-    if isinstance(exc, (Overloaded, Unavailable)):
+    if isinstance(exc, Retryable):
         payload["retry_after"] = exc.retry_after
     return json.dumps(payload)
 
@@ -42,8 +42,8 @@ def error_from_message(message: str) -> ServiceError | None:
         code, text = payload["code"], payload["message"]
     except (ValueError, TypeError, KeyError):
         return None
-    cls = next((c for c in _subclasses(ServiceError) if c.code == code), ServiceError)
-    if issubclass(cls, (Overloaded, Unavailable)):
+    cls = next((c for c in _subclasses(ServiceError) if vars(c).get("code") == code), ServiceError)
+    if issubclass(cls, Retryable):
         return cls(text, retry_after=payload.get("retry_after", 1.0))
     return cls(text, field=payload.get("field"))
 

@@ -211,6 +211,11 @@ class MemoryEngine:
         """Run at most `steps` updates; only entries where `free` is True may change."""
         raise NotImplementedError
 
+    def _bookkeeping(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Per query at the start of a descent: still moving (all), converged (none), steps taken (0)."""
+        active = torch.ones(batch, dtype=torch.bool, device=self.device)
+        return active, torch.zeros_like(active), torch.zeros(batch, dtype=torch.int64, device=self.device)
+
     def _nearest(self, states: Tensor, overlaps: Tensor | None) -> tuple[Tensor, Tensor]:
         batch = states.shape[0]
         if not self.keeps_patterns:
@@ -298,9 +303,7 @@ class BinaryMemory(MemoryEngine):
         batch = states.shape[0]
         cache = self._prepare(states)
         trace = [self._energy_from(states, cache)]
-        active = torch.ones(batch, dtype=torch.bool, device=self.device)
-        converged = torch.zeros_like(active)
-        taken = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        active, converged, taken = self._bookkeeping(batch)
         for _ in range(steps):
             flipped = self._sweep(states, cache, free & active[:, None])
             converged |= active & ~flipped
@@ -330,12 +333,10 @@ class GradientMemory(MemoryEngine):
         energy, gradient = self._energy_and_gradient(states)
         gradient = gradient * free
         trace = [energy]
-        active = torch.ones(batch, dtype=torch.bool, device=self.device)
-        converged = torch.zeros_like(active)
-        taken = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        active, converged, taken = self._bookkeeping(batch)
 
         def settled(gradient: Tensor) -> Tensor:
-            return (step_size * gradient).abs().amax(dim=-1) <= tolerance
+            return settled_by(gradient, step_size, tolerance)
 
         # Each query's step starts at twice its last accepted one, capped at α: after a halving
         # the next steps rarely need to search again.
@@ -372,6 +373,11 @@ class GradientMemory(MemoryEngine):
         return Descent(states, energy, taken, converged, trace)
 
 
+def settled_by(gradient: Tensor, step_size: float, tolerance: float) -> Tensor:
+    """Which queries' next step (α times the masked gradient) would move no entry by more than `tolerance`."""
+    return (step_size * gradient).abs().amax(dim=-1) <= tolerance
+
+
 def energy_and_gradient(energy: Callable[[Tensor], Tensor], states: Tensor) -> tuple[Tensor, Tensor]:
     """Per-state energies and their gradients: states are independent, so ∇ of the sum suffices.
 
@@ -382,6 +388,19 @@ def energy_and_gradient(energy: Callable[[Tensor], Tensor], states: Tensor) -> t
         energies = energy(states)
         (gradient,) = torch.autograd.grad(energies.sum(), states)
     return energies.detach(), gradient
+
+
+class InverseTemperature:
+    """For kinds whose one parameter is β > 0 (default 1): mixed in before the engine class."""
+
+    def __init__(self, dim: int, params: dict, device: str | torch.device = "cpu"):
+        super().__init__(dim, params, device)
+        self.beta: float = params["beta"]
+
+    @classmethod
+    def normalize_params(cls, dim: int, params: dict) -> dict:
+        reject_unknown(cls.kind, params, ("beta",))
+        return {"beta": read_positive_float(params, "beta", 1.0)}
 
 
 # ----- parameter readers: each names the offending field as params.<name> ----------------

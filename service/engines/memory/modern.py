@@ -24,7 +24,7 @@ from torch import Tensor
 
 from service.errors import InvalidArgument
 
-from .base import Descent, MemoryEngine, read_positive_float, reject_unknown
+from .base import Descent, InverseTemperature, MemoryEngine, settled_by
 
 
 def modern_energy_from_lse(states: Tensor, lse: Tensor, beta: float, count: int, max_norm: float) -> Tensor:
@@ -39,18 +39,9 @@ def modern_energy(states: Tensor, patterns: Tensor, beta: float) -> Tensor:
     return modern_energy_from_lse(states, lse, beta, patterns.shape[0], max_norm)
 
 
-class ModernMemory(MemoryEngine):
+class ModernMemory(InverseTemperature, MemoryEngine):
     kind = "modern"
     default_steps = 20
-
-    def __init__(self, dim: int, params: dict, device: str | torch.device = "cpu"):
-        super().__init__(dim, params, device)
-        self.beta: float = params["beta"]
-
-    @classmethod
-    def normalize_params(cls, dim: int, params: dict) -> dict:
-        reject_unknown(cls.kind, params, ("beta",))
-        return {"beta": read_positive_float(params, "beta", 1.0)}
 
     def _checked_step_size(self, step_size: float | None) -> float:
         step_size = super()._checked_step_size(step_size)
@@ -77,15 +68,9 @@ class ModernMemory(MemoryEngine):
         scores = states @ patterns.T
         energy, gradient = evaluate(states, scores)
         trace = [energy]
-        active = torch.ones(batch, dtype=torch.bool, device=self.device)
-        converged = torch.zeros_like(active)
-        taken = torch.zeros(batch, dtype=torch.int64, device=self.device)
-
-        def settled(gradient: Tensor) -> Tensor:
-            return (step_size * gradient).abs().amax(dim=-1) <= tolerance
-
+        active, converged, taken = self._bookkeeping(batch)
         for _ in range(steps):
-            done = active & settled(gradient)
+            done = active & settled_by(gradient, step_size, tolerance)
             converged |= done
             active &= ~done
             if not active.any():
@@ -95,5 +80,5 @@ class ModernMemory(MemoryEngine):
             energy, gradient = evaluate(states, scores)
             taken += active
             trace.append(energy)
-        converged |= active & settled(gradient)
+        converged |= active & settled_by(gradient, step_size, tolerance)
         return Descent(states, energy, taken, converged, trace, overlaps=scores)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import GradientMemory, read_positive_float, reject_unknown
+from .base import GradientMemory, InverseTemperature
 
 
 def rbf_energy(states: Tensor, patterns: Tensor, beta: float, pattern_sq_norms: Tensor | None = None) -> Tensor:
@@ -25,17 +25,8 @@ def rbf_energy(states: Tensor, patterns: Tensor, beta: float, pattern_sq_norms: 
     return -torch.logsumexp(-0.5 * beta * sq_distances, dim=-1) / beta
 
 
-class RbfMemory(GradientMemory):
+class RbfMemory(InverseTemperature, GradientMemory):
     kind = "rbf"
-
-    def __init__(self, dim: int, params: dict, device: str | torch.device = "cpu"):
-        super().__init__(dim, params, device)
-        self.beta: float = params["beta"]
-
-    @classmethod
-    def normalize_params(cls, dim: int, params: dict) -> dict:
-        reject_unknown(cls.kind, params, ("beta",))
-        return {"beta": read_positive_float(params, "beta", 1.0)}
 
     def _energy(self, states: Tensor) -> Tensor:
         return rbf_energy(states, self.patterns, self.beta, self.pattern_norms.square())
