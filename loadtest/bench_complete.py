@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from loadtest.load import drive  # noqa: E402
 from service.engines import energy_transformer  # noqa: E402
+from loadtest.common import batch_rows, write_results  # noqa: E402
 from tests.harness import ServerProcess  # noqa: E402
 
 WEIGHTS = ROOT / "model_repository" / "energy_transformer" / "1"
@@ -42,12 +42,6 @@ def requests_bodies(n: int = 64) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
             mask[2 * r:2 * r + 2, 2 * c:2 * c + 2] = True
     bodies = [json.dumps({"image": i.tolist(), "mask": m.tolist()}).encode() for i, m in zip(images, masks)]
     return images, masks, bodies
-
-
-def batch_rows(text: str) -> tuple[float, float]:
-    total = re.search(r'amserve_batch_rows_sum\{model="energy_transformer"\} (\S+)', text)
-    count = re.search(r'amserve_batch_rows_count\{model="energy_transformer"\} (\S+)', text)
-    return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
 
 
 def engine_rate(model, images: np.ndarray, masks: np.ndarray, batch: int, seconds: float) -> float:
@@ -84,9 +78,9 @@ def main() -> int:
         extra = ["--model", "none", "--max-batch-size", max_batch, "--max-in-flight", "4096", "--max-queue-size", "4096"]
         with ServerProcess(work / f"data-{batching}", extra_args=extra) as server:
             for clients in clients_list:
-                before = batch_rows(httpx.get(f"{server.url}/metrics").text)
+                before = batch_rows(httpx.get(f"{server.url}/metrics").text, "energy_transformer")
                 cell = asyncio.run(run_rest(server, bodies, clients, args.seconds))
-                after = batch_rows(httpx.get(f"{server.url}/metrics").text)
+                after = batch_rows(httpx.get(f"{server.url}/metrics").text, "energy_transformer")
                 calls = after[1] - before[1]
                 cell.update(batching=batching, clients=clients,
                             mean_batch=(after[0] - before[0]) / calls if calls else None)
@@ -107,9 +101,7 @@ def main() -> int:
                          f"rest_over_engine_{top}": on["throughput_rps"] / results["engine"][top]["images_per_s"]}
     results["load_average_end"] = os.getloadavg()
     print(json.dumps(results["ratios"], indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
     return 0
 
 

@@ -8,7 +8,6 @@ Writes loadtest/results/drdam_scaling.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtest.common import write_results  # noqa: E402
 from service.engines.memory import make_engine, normalize_params  # noqa: E402
 
 
@@ -61,9 +61,7 @@ def main() -> int:
               f"drdam {row['drdam']['latency_ms']:8.2f} ms {row['drdam']['bytes'] / 2**20:8.1f} MiB", flush=True)
     result = {"dim": args.dim, "features": args.features, "steps": args.steps, "rows": rows,
               "load_average": os.getloadavg(), "torch_threads": torch.get_num_threads()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return 0
 
 

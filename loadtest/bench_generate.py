@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -50,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtest.common import write_results  # noqa: E402
 from service.engines.lm import SamplingParams, Transformer, convert_gguf, default_gguf_path, load_model  # noqa: E402
 from service.serving.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent  # noqa: E402
 from service.engines.lm.model import Linear  # noqa: E402
@@ -477,11 +477,10 @@ def main() -> int:
         "runtime_s": time.time() - started,
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
     for r in runs:
         print_summary(r, args.streams)
-    print(f"\nwrote {args.out} in {results['runtime_s']:.0f} s")
+    print(f"\nthe benchmark took {results['runtime_s']:.0f} s")
+    write_results(args.out, results)
     return 0
 
 

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from service.api.pb import amserve_pb2_grpc as pb_grpc  # noqa: E402
 from service.banks.store import SQLiteStore  # noqa: E402
 from service.banks.registry import BankRegistry, DynamicsOptions  # noqa: E402
 from tests.harness import ServerProcess  # noqa: E402
+from loadtest.common import batch_rows, write_results  # noqa: E402
 from loadtest.load import drive  # noqa: E402
 
 BANKS = {
@@ -67,13 +67,6 @@ def queries_for(name: str, n: int = 256) -> np.ndarray:
     rng = np.random.default_rng(1)
     q = rng.standard_normal((n, BANKS[name]["dim"])).astype(np.float32)
     return q / np.linalg.norm(q, axis=1, keepdims=True) * 4
-
-
-def batch_rows(metrics_text: str) -> tuple[float, float]:
-    """(sum, count) of amserve_batch_rows for the memory model."""
-    total = re.search(r'amserve_batch_rows_sum\{model="associative_memory"\} (\S+)', metrics_text)
-    count = re.search(r'amserve_batch_rows_count\{model="associative_memory"\} (\S+)', metrics_text)
-    return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
 
 
 async def run_rest(server: ServerProcess, bank: str, queries: np.ndarray, clients: int, seconds: float) -> dict:
@@ -138,9 +131,9 @@ def main() -> int:
                 queries = queries_for(bank)
                 for transport, runner in (("rest", run_rest), ("grpc", run_grpc)):
                     for clients in clients_list:
-                        before = batch_rows(httpx.get(f"{server.url}/metrics").text)
+                        before = batch_rows(httpx.get(f"{server.url}/metrics").text, "associative_memory")
                         cell = asyncio.run(runner(server, bank, queries, clients, args.seconds))
-                        after = batch_rows(httpx.get(f"{server.url}/metrics").text)
+                        after = batch_rows(httpx.get(f"{server.url}/metrics").text, "associative_memory")
                         calls = after[1] - before[1]
                         cell.update(bank=bank, backend=backend, transport=transport, batching=batching,
                                     clients=clients, mean_batch_rows=(after[0] - before[0]) / calls if calls else None)
@@ -184,9 +177,7 @@ def main() -> int:
     results["targets_large_bank"] = {"batching_on_over_off": ">= 5", "rest_over_raw": ">= 0.85",
                                      "grpc_over_raw": ">= 0.90", "triton_rest_over_raw": ">= 0.75"}
     print(json.dumps(ratios, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
     return 0
 
 

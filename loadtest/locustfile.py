@@ -159,38 +159,58 @@ def _cover_all(user) -> None:
             run_task(user)
 
 
-def _think(user) -> float:
-    options = user.environment.parsed_options
-    lo, hi = (options.think_min_ms, options.think_max_ms) if options else (50.0, 500.0)
-    return random.uniform(lo, max(lo, hi)) / 1000.0
+class App:
+    """What the REST and gRPC users share: a think time between tasks, the run's options, and a bank
+    of their own, created at start with SEED_PATTERNS in it. Each transport connects, creates the
+    bank and stores in its own way."""
+
+    transport: str
+
+    def wait_time(self) -> float:
+        options = self.environment.parsed_options
+        lo, hi = (options.think_min_ms, options.think_max_ms) if options else (50.0, 500.0)
+        return random.uniform(lo, max(lo, hi)) / 1000.0
+
+    def on_start(self) -> None:
+        o = self.options = self.environment.parsed_options
+        self.timeout = o.request_timeout
+        self.bank = BankState(f"{o.bank_prefix}-{self.transport}-{o.bank_kind}-d{o.dim}-{next(_user_numbers)}",
+                              o.dim, o.max_patterns)
+        self._connect()
+        self._create_bank()
+        self._store(SEED_PATTERNS)
+        _cover_all(self)
+
+    def _cue(self) -> list[float]:
+        """A noisy copy of a stored pattern, to retrieve from."""
+        return noisy(self.bank.some_stored(), self.bank.rng)
+
+    def _partial(self) -> tuple[list[float], list[bool]]:
+        """A stored pattern with its second half unknown (zeros), and the mask that says which half."""
+        mask = half_mask(self.bank.dim)
+        return [x if known else 0.0 for x, known in zip(self.bank.some_stored(), mask)], mask
 
 
 # --------------------------------------------------------------------------------------------- REST
 
-class RestUser(HttpUser):
+class RestUser(App, HttpUser):
     """An app talking JSON over HTTP."""
 
     weight = 3
+    transport = "rest"
 
-    def wait_time(self) -> float:
-        return _think(self)
+    def _connect(self) -> None:
+        if self.options.api_key:
+            self.client.headers["Authorization"] = f"Bearer {self.options.api_key}"
 
-    def on_start(self) -> None:
-        o = self.environment.parsed_options
-        self.options = o
-        self.timeout = o.request_timeout
-        if o.api_key:
-            self.client.headers["Authorization"] = f"Bearer {o.api_key}"
-        name = f"{o.bank_prefix}-rest-{o.bank_kind}-d{o.dim}-{next(_user_numbers)}"
-        self.bank = BankState(name, o.dim, o.max_patterns)
-        with self.client.put(f"/v1/banks/{name}", json={"kind": o.bank_kind, "dim": o.dim}, name=BANK_ROUTE,
-                             catch_response=True, timeout=self.timeout) as r:
+    def _create_bank(self) -> None:
+        o = self.options
+        with self.client.put(f"/v1/banks/{self.bank.name}", json={"kind": o.bank_kind, "dim": o.dim},
+                             name=BANK_ROUTE, catch_response=True, timeout=self.timeout) as r:
             if r.status_code in (201, 409):
                 r.success()
             else:
                 r.failure(f"create bank: {r.status_code} {r.text[:200]}")
-        self._store(SEED_PATTERNS)
-        _cover_all(self)
 
     def _store(self, size: int) -> None:
         ids, patterns = self.bank.next_batch(size)
@@ -202,34 +222,30 @@ class RestUser(HttpUser):
             else:
                 r.failure(f"store: {r.status_code} {r.text[:200]}")
 
+    def _post(self, path: str, body: dict, route: str, what: str, expected: str, holds) -> None:
+        """POST `body`; a failure unless the answer is 200 and `holds(answer body)`."""
+        with self.client.post(path, json=body, name=route, catch_response=True, timeout=self.timeout) as r:
+            if r.status_code != 200:
+                r.failure(f"{what}: {r.status_code} {r.text[:200]}")
+            elif not holds(r.json()):
+                r.failure(f"{what}: expected {expected}")
+
     @tag("memory")
     @task(10)
     def retrieve(self) -> None:
         if not self.bank.count:
             return self._store(SEED_PATTERNS)
-        query = noisy(self.bank.some_stored(), self.bank.rng)
-        with self.client.post(f"/v1/banks/{self.bank.name}/retrieve", json={"queries": [query], "steps": 10},
-                              name=RETRIEVE_ROUTE, catch_response=True, timeout=self.timeout) as r:
-            if r.status_code != 200:
-                r.failure(f"retrieve: {r.status_code} {r.text[:200]}")
-            elif len(r.json().get("results", [])) != 1:
-                r.failure("retrieve: expected one result")
+        self._post(f"/v1/banks/{self.bank.name}/retrieve", {"queries": [self._cue()], "steps": 10},
+                   RETRIEVE_ROUTE, "retrieve", "one result", lambda answer: len(answer.get("results", [])) == 1)
 
     @tag("memory")
     @task(3)
     def complete(self) -> None:
         if not self.bank.count:
             return self._store(SEED_PATTERNS)
-        target = self.bank.some_stored()
-        mask = half_mask(self.bank.dim)
-        query = [x if known else 0.0 for x, known in zip(target, mask)]
-        with self.client.post(f"/v1/banks/{self.bank.name}/complete",
-                              json={"queries": [query], "mask": [mask], "steps": 10},
-                              name=COMPLETE_ROUTE, catch_response=True, timeout=self.timeout) as r:
-            if r.status_code != 200:
-                r.failure(f"complete: {r.status_code} {r.text[:200]}")
-            elif len(r.json().get("results", [])) != 1:
-                r.failure("complete: expected one result")
+        query, mask = self._partial()
+        self._post(f"/v1/banks/{self.bank.name}/complete", {"queries": [query], "mask": [mask], "steps": 10},
+                   COMPLETE_ROUTE, "complete", "one result", lambda answer: len(answer.get("results", [])) == 1)
 
     @tag("memory")
     @task(2)
@@ -240,12 +256,8 @@ class RestUser(HttpUser):
     @task(2)
     def complete_image(self) -> None:
         image, mask = random.choice(IMAGES), random.choice(MASKS)
-        with self.client.post(IMAGE_ROUTE, json={"model": "energy-transformer", "image": image, "mask": mask},
-                              name=IMAGE_ROUTE, catch_response=True, timeout=self.timeout) as r:
-            if r.status_code != 200:
-                r.failure(f"complete image: {r.status_code} {r.text[:200]}")
-            elif len(r.json().get("image", [])) != IMAGE_SIDE:
-                r.failure("complete image: expected an 8×8 image")
+        self._post(IMAGE_ROUTE, {"model": "energy-transformer", "image": image, "mask": mask}, IMAGE_ROUTE,
+                   "complete image", "an 8×8 image", lambda answer: len(answer.get("image", [])) == IMAGE_SIDE)
 
     def _generation(self, stream: bool) -> dict:
         return {"prompt": random.choice(PROMPTS), "max_tokens": self.options.max_tokens, "temperature": 0.7,
@@ -303,28 +315,23 @@ class RestUser(HttpUser):
 
 # --------------------------------------------------------------------------------------------- gRPC
 
-class GrpcUser(User):
+class GrpcUser(App, User):
     """An app using the gRPC API (amserve.v1.Amserve) through a gevent-friendly channel."""
 
     weight = 1
+    transport = "grpc"
 
-    def wait_time(self) -> float:
-        return _think(self)
-
-    def on_start(self) -> None:
-        o = self.environment.parsed_options
-        self.options = o
-        self.timeout = o.request_timeout
+    def _connect(self) -> None:
+        o = self.options
         self.metadata = [("authorization", f"Bearer {o.api_key}")] if o.api_key else []
         self.channel = grpc.insecure_channel(o.grpc_target)
         self.stub = pb_grpc.AmserveStub(self.channel)
-        name = f"{o.bank_prefix}-grpc-{o.bank_kind}-d{o.dim}-{next(_user_numbers)}"
-        self.bank = BankState(name, o.dim, o.max_patterns)
+
+    def _create_bank(self) -> None:
+        o = self.options
         self._call("CreateBank", self.stub.CreateBank,
-                   pb.CreateBankRequest(bank=name, kind=o.bank_kind, dim=o.dim),
+                   pb.CreateBankRequest(bank=self.bank.name, kind=o.bank_kind, dim=o.dim),
                    ok_codes=(grpc.StatusCode.ALREADY_EXISTS,))
-        self._store(SEED_PATTERNS)
-        _cover_all(self)
 
     def on_stop(self) -> None:
         self.channel.close()
@@ -360,18 +367,15 @@ class GrpcUser(User):
     def retrieve(self) -> None:
         if not self.bank.count:
             return self._store(SEED_PATTERNS)
-        query = noisy(self.bank.some_stored(), self.bank.rng)
         self._call("Retrieve", self.stub.Retrieve,
-                   pb.RetrieveRequest(bank=self.bank.name, queries=[pb.Vector(values=query)], steps=10))
+                   pb.RetrieveRequest(bank=self.bank.name, queries=[pb.Vector(values=self._cue())], steps=10))
 
     @tag("memory")
     @task(3)
     def complete(self) -> None:
         if not self.bank.count:
             return self._store(SEED_PATTERNS)
-        target = self.bank.some_stored()
-        mask = half_mask(self.bank.dim)
-        query = [x if known else 0.0 for x, known in zip(target, mask)]
+        query, mask = self._partial()
         self._call("Complete", self.stub.Complete, pb.CompleteRequest(
             bank=self.bank.name, queries=[pb.Vector(values=query)], mask=[pb.Mask(values=mask)], steps=10))
 

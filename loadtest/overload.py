@@ -28,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtest.common import write_results  # noqa: E402
 from tests.harness import ServerProcess  # noqa: E402
 
 JSON = {"content-type": "application/json"}
@@ -155,8 +156,7 @@ def main() -> int:
     }
     result["checks"] = checks
     print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
     failed = [name for name, ok in checks.items() if not ok]
     print("FAILED: " + "; ".join(failed) if failed else "all overload checks passed")
     return 1 if failed else 0

@@ -26,6 +26,14 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def save(fig, name: str) -> str:
+    """Lay out `fig`, write it to RESULTS/`name` and free it; returns `name`."""
+    fig.tight_layout()
+    fig.savefig(RESULTS / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
 def plot_retrieve(data: dict) -> list[str]:
     written = []
     for bank in sorted({c["bank"] for c in data["cells"]}):
@@ -42,11 +50,7 @@ def plot_retrieve(data: dict) -> list[str]:
             ax.plot(sorted(raw), [raw[k] for k in sorted(raw)], "k--", label="raw engine (same batches)")
         ax.set(xscale="log", xlabel="concurrent clients", ylabel="requests / s", title=f"retrieve, {bank} bank")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"retrieve_{bank}.png"
-        fig.savefig(RESULTS / name, dpi=120)
-        plt.close(fig)
-        written.append(name)
+        written.append(save(fig, f"retrieve_{bank}.png"))
     return written
 
 
@@ -58,10 +62,7 @@ def plot_complete(data: dict) -> list[str]:
                 label=f"batching {batching}")
     ax.set(xscale="log", xlabel="concurrent clients", ylabel="images / s", title="Energy Transformer completion")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "complete.png", dpi=120)
-    plt.close(fig)
-    return ["complete.png"]
+    return [save(fig, "complete.png")]
 
 
 def plot_drdam(data: dict) -> list[str]:
@@ -76,10 +77,7 @@ def plot_drdam(data: dict) -> list[str]:
     right.set(xscale="log", yscale="log", xlabel="stored patterns", ylabel="MiB", title="serving memory")
     left.legend()
     right.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "drdam_scaling.png", dpi=120)
-    plt.close(fig)
-    return ["drdam_scaling.png"]
+    return [save(fig, "drdam_scaling.png")]
 
 
 def plot_generate(data: dict) -> list[str]:
@@ -96,10 +94,7 @@ def plot_generate(data: dict) -> list[str]:
     ax.set(xscale="log", xlabel="concurrent streams", ylabel="generated tokens / s",
            title="decode throughput (HF: static batch)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "generate_streams.png", dpi=120)
-    plt.close(fig)
-    return ["generate_streams.png"]
+    return [save(fig, "generate_streams.png")]
 
 
 def main() -> int:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import re
 
 import httpx
 import numpy as np
 
+from tests.helpers import metric_samples
+
 
 def batch_histogram(metrics_text: str) -> dict[str, float]:
     """Bucket upper bound → cumulative count of amserve_batch_size for the memory model."""
-    pattern = re.compile(r'amserve_batch_size_bucket\{le="([^"]+)",model="associative_memory"\} (\S+)')
-    return {le: float(count) for le, count in pattern.findall(metrics_text)}
+    return {sample.labels["le"]: sample.value
+            for sample in metric_samples(metrics_text, "amserve_batch_size_bucket", model="associative_memory")}
 
 
 def test_concurrent_retrieves_form_batches_larger_than_one(server, bank_name, embedded_only):

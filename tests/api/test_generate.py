@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from service.api.pb import amserve_pb2 as pb
+from tests.helpers import metric_value, wait_until
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
@@ -150,41 +151,31 @@ def test_grpc_generate_invalid_argument(stub):
     assert info.value.details().startswith("temperature")
 
 
-def _gauge(server, name: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(f'{name}{{model="llm"}}'):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not exported")
-
-
-def _wait_until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
+def running_sequences(server) -> float:
+    value = metric_value(httpx.get(f"{server.url}/metrics").text, "amserve_running_sequences", model="llm")
+    assert value is not None, "amserve_running_sequences not exported"
+    return value
 
 
 def test_client_disconnect_cancels_the_sequence(server):
-    assert _wait_until(lambda: _gauge(server, "amserve_running_sequences") == 0)
+    assert wait_until(lambda: running_sequences(server) == 0, timeout=30)
     with httpx.Client(base_url=server.url, timeout=60) as c:
         with c.stream("POST", "/v1/generate", json={"prompt": PROMPT, "max_tokens": 1500, "stream": True,
                                                     "temperature": 1.0, "seed": 1}) as r:
             lines = r.iter_lines()
             while not next(lines).startswith("data: "):
                 pass
-            assert _gauge(server, "amserve_running_sequences") == 1
+            assert running_sequences(server) == 1
         # the connection is closed here, long before 1500 tokens
-    assert _wait_until(lambda: _gauge(server, "amserve_running_sequences") == 0, timeout=20)
+    assert wait_until(lambda: running_sequences(server) == 0, timeout=20)
 
     channel = grpc.insecure_channel(server.grpc_target)
     from service.api.pb import amserve_pb2_grpc
     call = amserve_pb2_grpc.AmserveStub(channel).Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=1500))
     next(call)
-    assert _gauge(server, "amserve_running_sequences") == 1
+    assert running_sequences(server) == 1
     call.cancel()
-    assert _wait_until(lambda: _gauge(server, "amserve_running_sequences") == 0, timeout=20)
+    assert wait_until(lambda: running_sequences(server) == 0, timeout=20)
     channel.close()
 
 
@@ -199,7 +190,7 @@ def test_a_new_request_joins_while_another_is_generating(server):
 
     thread = threading.Thread(target=long_stream)
     thread.start()
-    assert _wait_until(lambda: _gauge(server, "amserve_running_sequences") >= 1, timeout=30)
+    assert wait_until(lambda: running_sequences(server) >= 1, timeout=30)
     short = httpx.post(f"{server.url}/v1/generate", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0},
                        timeout=120)
     finished["short"] = time.perf_counter()

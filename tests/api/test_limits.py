@@ -13,6 +13,7 @@ import pytest
 from service.api.pb import amserve_pb2 as pb
 from service.api.pb import amserve_pb2_grpc as pb_grpc
 from tests.harness import ServerProcess
+from tests.helpers import metric_value
 
 
 @pytest.fixture(scope="module")
@@ -117,4 +118,6 @@ def test_in_flight_limit_sheds_load_before_reading_bodies(tmp_path):
         assert shed and all(r.status_code in (200, 503) for r in responses)
         assert all(r.headers["Retry-After"] and r.json()["error"]["code"] == "overloaded" for r in shed)
         assert httpx.get(f"{server.url}/healthz/ready").status_code == 200  # probes are never shed
-        assert 'amserve_rejections_total{reason="in_flight_limit"}' in httpx.get(f"{server.url}/metrics").text
+        rejected = metric_value(httpx.get(f"{server.url}/metrics").text, "amserve_rejections_total",
+                                reason="in_flight_limit")
+        assert rejected == len(shed)

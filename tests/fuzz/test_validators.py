@@ -21,16 +21,23 @@ numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st
 rows = st.lists(st.lists(numbers, max_size=5), max_size=5)
 
 
+def validated(model, body: dict, fields: tuple[str, ...]):
+    """`body` as a `model`, or None where it is refused with an InvalidArgument naming one of `fields`."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        error = validation_error(exc)
+        assert isinstance(error, InvalidArgument)
+        assert error.field.split("[")[0].split(".")[0] in fields, error.field
+        return None
+
+
 @settings(max_examples=300, deadline=None)
 @given(queries=rows, steps=st.one_of(st.none(), st.integers(-5, 20_000)))
 def test_retrieve_request_is_rectangular_finite_or_refused_with_a_field(queries, steps):
     body = {"queries": queries} | ({} if steps is None else {"steps": steps})
-    try:
-        request = schemas.RetrieveRequest.model_validate(body)
-    except ValidationError as exc:
-        error = validation_error(exc)
-        assert isinstance(error, InvalidArgument)
-        assert error.field.split("[")[0].split(".")[0] in ("queries", "steps")
+    request = validated(schemas.RetrieveRequest, body, ("queries", "steps"))
+    if request is None:
         return
     widths = {len(q) for q in request.queries}
     assert len(widths) == 1 and widths != {0}
@@ -42,10 +49,8 @@ def test_retrieve_request_is_rectangular_finite_or_refused_with_a_field(queries,
 @given(queries=st.lists(st.lists(st.floats(-1, 1, width=32), min_size=1, max_size=4), min_size=1, max_size=4),
        mask=st.lists(st.lists(st.booleans(), max_size=5), max_size=5))
 def test_complete_request_mask_matches_queries_or_names_mask(queries, mask):
-    try:
-        request = schemas.CompleteRequest.model_validate({"queries": queries, "mask": mask})
-    except ValidationError as exc:
-        assert validation_error(exc).field.split("[")[0] in ("queries", "mask")
+    request = validated(schemas.CompleteRequest, {"queries": queries, "mask": mask}, ("queries", "mask"))
+    if request is None:
         return
     assert [len(m) for m in request.mask] == [len(q) for q in request.queries]
 
@@ -53,10 +58,8 @@ def test_complete_request_mask_matches_queries_or_names_mask(queries, mask):
 @settings(max_examples=200, deadline=None)
 @given(image=rows, mask=st.lists(st.lists(st.booleans(), max_size=5), max_size=5))
 def test_image_request_pixels_in_unit_interval(image, mask):
-    try:
-        request = schemas.CompleteImageRequest.model_validate({"image": image, "mask": mask})
-    except ValidationError as exc:
-        assert validation_error(exc).field.split("[")[0] in ("image", "mask")
+    request = validated(schemas.CompleteImageRequest, {"image": image, "mask": mask}, ("image", "mask"))
+    if request is None:
         return
     assert all(0.0 <= v <= 1.0 for row in request.image for v in row)
 

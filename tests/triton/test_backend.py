@@ -7,8 +7,6 @@ does the same, without the rest of the embedded backend (other models, micro-bat
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
 import uuid
 
 import numpy as np
@@ -18,8 +16,9 @@ from service.backends.triton import TritonBackend
 from service.engines.lm import SamplingParams
 from service.banks.store import SQLiteStore
 from service.banks.registry import BankRegistry, DynamicsOptions
-from service.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Overloaded, ServiceError, Unavailable
+from service.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Overloaded, Unavailable
 from service.triton.launcher import free_port
+from tests.helpers import inference_counts, outcome, run_scenario
 from tests.triton.fixtures import MEMORY_ONLY, launch
 
 pytestmark = pytest.mark.triton
@@ -69,26 +68,6 @@ def random_patterns(count: int, seed: int) -> np.ndarray:
     return np.sign(np.random.default_rng(seed).standard_normal((count, DIM))).astype(np.float32)
 
 
-async def outcome(call):
-    """A call's result, or its error as (class, field, message) so two backends' errors compare equal."""
-    try:
-        return await call
-    except ServiceError as exc:
-        return type(exc), exc.field, exc.message
-
-
-def run_with(backends, scenario):
-    async def main():
-        for backend in backends:
-            await backend.start()
-        try:
-            return await scenario(*backends)
-        finally:
-            for backend in backends:
-                await backend.close()
-    return asyncio.run(main())
-
-
 @pytest.mark.parametrize("kind, params", [("modern", {"beta": 4.0}), ("classical", {})])
 def test_every_operation_answers_like_the_embedded_backend(triton_server, tmp_path, kind, params):
     bank = bank_name()
@@ -127,7 +106,7 @@ def test_every_operation_answers_like_the_embedded_backend(triton_server, tmp_pa
         ]
         return [(await outcome(call(triton)), await outcome(call(embedded))) for call in calls]
 
-    answers = run_with([TritonBackend(triton_server.url), RegistryBackend(tmp_path)], scenario)
+    answers = run_scenario(scenario, TritonBackend(triton_server.url), RegistryBackend(tmp_path))
     for step, (over_triton, embedded) in enumerate(answers):
         assert over_triton == embedded, f"call {step} differs"
     errors = [answer for answer, _ in answers if isinstance(answer, tuple) and isinstance(answer[0], type)]
@@ -141,19 +120,6 @@ def test_every_operation_answers_like_the_embedded_backend(triton_server, tmp_pa
     assert all(len(r.state) == DIM and r.trace and r.nearest["id"] in ids for r in retrieved)
 
 
-def inference_counts(metrics_url: str) -> tuple[float, float]:
-    """(nv_inference_count, nv_inference_exec_count) of associative_memory from Triton's metrics port."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as answer:
-        text = answer.read().decode()
-
-    def value(metric: str) -> float:
-        match = re.search(rf'^{metric}{{model="associative_memory",version="1"}} (\S+)$', text, re.MULTILINE)
-        assert match, f"{metric} missing from Triton's metrics"
-        return float(match.group(1))
-
-    return value("nv_inference_count"), value("nv_inference_exec_count")
-
-
 def test_concurrent_retrieves_share_executions(triton_server):
     bank = bank_name()
     patterns = random_patterns(8, seed=2)
@@ -165,14 +131,14 @@ def test_concurrent_retrieves_share_executions(triton_server):
         await triton.create_bank(bank, "modern", DIM, {"beta": 4.0})
         await triton.store(bank, patterns, [f"p{i}" for i in range(8)])
         alone = [await triton.run_memory(bank, q[None], None, DynamicsOptions()) for q in queries[:8]]
-        before = inference_counts(triton_server.metrics_url)
+        before = inference_counts(triton_server.metrics_url, "associative_memory")
         together = await asyncio.gather(*(triton.run_memory(bank, q[None], None, DynamicsOptions())
                                           for q in queries))
-        after = inference_counts(triton_server.metrics_url)
+        after = inference_counts(triton_server.metrics_url, "associative_memory")
         await triton.delete_bank(bank)
         return alone, together, before, after
 
-    alone, together, before, after = run_with([TritonBackend(triton_server.url)], scenario)
+    alone, together, before, after = run_scenario(scenario, TritonBackend(triton_server.url))
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == concurrent
     assert executions < inferences, "Triton never batched concurrent requests"
@@ -204,7 +170,7 @@ def test_banks_survive_a_restart_and_the_backend_reconnects(tmp_path):
         return down, info, results
 
     try:
-        down, info, results = run_with([TritonBackend(server.url)], scenario)
+        down, info, results = run_scenario(scenario, TritonBackend(server.url))
     finally:
         server.stop()
     assert down is False
@@ -220,8 +186,8 @@ def test_ready_is_false_and_calls_unavailable_without_triton():
                 await outcome(triton.complete_image(image, image > 0, None)), await outcome(anext(events)),
                 await triton.models())
 
-    ready, listed, completed, generated, cards = run_with(
-        [TritonBackend(f"127.0.0.1:{free_port()}", ready_timeout=0.5)], scenario)
+    ready, listed, completed, generated, cards = run_scenario(
+        scenario, TritonBackend(f"127.0.0.1:{free_port()}", ready_timeout=0.5))
     assert ready is False
     assert listed[0] is Unavailable and completed[0] is Unavailable and generated[0] is Unavailable
     assert [(card["id"], card["ready"]) for card in cards] == [("associative-memory", False),
@@ -242,7 +208,7 @@ def test_a_full_triton_queue_is_overloaded(tmp_path):
         return await asyncio.gather(*(outcome(call) for call in calls))
 
     try:
-        answers = run_with([TritonBackend(server.url)], scenario)
+        answers = run_scenario(scenario, TritonBackend(server.url))
     finally:
         server.stop()
     refused = [a for a in answers if isinstance(a, tuple) and isinstance(a[0], type)]
@@ -254,6 +220,6 @@ def test_models_lists_the_associative_memory(triton_server):
     async def scenario(triton: TritonBackend):
         return await triton.models()
 
-    entry = run_with([TritonBackend(triton_server.url)], scenario)[0]
+    entry = run_scenario(scenario, TritonBackend(triton_server.url))[0]
     assert (entry["id"], entry["ready"]) == ("associative-memory", True)
     assert "modern" in entry["details"]["kinds"]

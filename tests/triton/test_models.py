@@ -9,9 +9,7 @@ one decode slot and one waiting place."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -19,24 +17,13 @@ import pytest
 from service.backends.embedded import EmbeddedBackend
 from service.backends.triton import TritonBackend
 from service.engines.lm import SamplingParams
-from service.errors import InvalidArgument, ServiceError, TooManyRequests, Unavailable
+from service.errors import InvalidArgument, TooManyRequests, Unavailable
 from service.triton.export import ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER, export
 from service.triton.launcher import TritonServer
+from tests.helpers import inference_counts, outcome, run_scenario
 from tests.triton.fixtures import TEST_LM_CONTEXT, TEST_LM_LIMITS, TEST_LM_NAME, export_for_tests
 
 pytestmark = pytest.mark.triton
-
-
-def run(scenario, *backends):
-    async def main():
-        for backend in backends:
-            await backend.start()
-        try:
-            return await scenario(*backends)
-        finally:
-            for backend in backends:
-                await backend.close()
-    return asyncio.run(main())
 
 
 def embedded(triton_server, tmp_path) -> EmbeddedBackend:
@@ -47,29 +34,8 @@ def embedded(triton_server, tmp_path) -> EmbeddedBackend:
                            max_context=TEST_LM_LIMITS["max_context"])
 
 
-async def outcome(call):
-    """A call's result, or its error as (class, field, message) so two backends' errors compare equal."""
-    try:
-        return await call
-    except ServiceError as exc:
-        return type(exc), exc.field, exc.message
-
-
 async def events_of(backend, prompt: str, params: SamplingParams, deadline: float | None = None):
     return [event async for event in await backend.generate(prompt, params, deadline)]
-
-
-def inference_counts(metrics_url: str, model: str) -> tuple[float, float]:
-    """(nv_inference_count, nv_inference_exec_count) of `model` from Triton's metrics port."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as answer:
-        text = answer.read().decode()
-
-    def value(metric: str) -> float:
-        match = re.search(rf'^{metric}{{model="{model}",version="1"}} (\S+)$', text, re.MULTILINE)
-        assert match, f"{metric} of {model} missing from Triton's metrics"
-        return float(match.group(1))
-
-    return value("nv_inference_count"), value("nv_inference_exec_count")
 
 
 def digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +61,7 @@ def test_image_completion_answers_like_the_embedded_backend(triton_server, tmp_p
         ]
         return [(await outcome(call(triton)), await outcome(call(local))) for call in calls]
 
-    answers = run(scenario, TritonBackend(triton_server.url), embedded(triton_server, tmp_path))
+    answers = run_scenario(scenario, TritonBackend(triton_server.url), embedded(triton_server, tmp_path))
     for over_triton, local in answers[:3]:
         np.testing.assert_array_equal(over_triton[0], local[0])  # same engine, same float32 math
         assert over_triton[1] == local[1]
@@ -130,7 +96,7 @@ def test_concurrent_completions_share_executions(triton_server):
         after = await counts(at_least=before[0] + concurrent)
         return alone, together, before, after
 
-    alone, together, before, after = run(scenario, TritonBackend(triton_server.url))
+    alone, together, before, after = run_scenario(scenario, TritonBackend(triton_server.url))
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == concurrent
     assert executions < inferences, "Triton never batched concurrent image completions"
@@ -153,7 +119,7 @@ def test_without_weights_the_energy_transformer_answers_503_and_is_not_ready(tmp
         return (await triton.models(), await outcome(triton.complete_image(pixels[0], missing[0], None)),
                 await triton.list_banks())
 
-    cards, completed, banks = run(scenario, TritonBackend(server=server))
+    cards, completed, banks = run_scenario(scenario, TritonBackend(server=server))
     assert [(c["id"], c["ready"]) for c in cards] == [("associative-memory", True), ("energy-transformer", False)]
     assert completed[0] is Unavailable and "weights not found" in completed[2]
     assert banks == []
@@ -177,7 +143,7 @@ def test_generation_answers_like_the_embedded_backend(triton_server, tmp_path):
                   await outcome(events_of(local, too_long, SamplingParams())))
         return answers, errors
 
-    answers, errors = run(scenario, TritonBackend(triton_server.url), embedded(triton_server, tmp_path))
+    answers, errors = run_scenario(scenario, TritonBackend(triton_server.url), embedded(triton_server, tmp_path))
     for over_triton, local in answers:
         assert over_triton == local
     assert answers[0][0][-1]["finish_reason"] == answers[1][0][-1]["finish_reason"] == "length"
@@ -195,7 +161,7 @@ def test_tokens_stream_as_they_are_generated(triton_server):
             arrivals.append((time.perf_counter() - started, event))
         return arrivals
 
-    arrivals = run(scenario, TritonBackend(triton_server.url))
+    arrivals = run_scenario(scenario, TritonBackend(triton_server.url))
     events = [event for _, event in arrivals]
     assert [e["type"] for e in events] == ["token"] * tokens + ["finish"]
     times = [t for t, _ in arrivals]
@@ -221,7 +187,7 @@ def test_closing_the_stream_cancels_the_sequence_in_triton(triton_server):
         short = await events_of(triton, "Hi", SamplingParams(max_tokens=3, temperature=0))
         return first, per_token, time.perf_counter() - closed, short
 
-    first, per_token, waited, short = run(scenario, TritonBackend(triton_server.url))
+    first, per_token, waited, short = run_scenario(scenario, TritonBackend(triton_server.url))
     assert first["type"] == "token"
     assert short[-1]["finish_reason"] == "length"
     remaining = (long_tokens - probe) * per_token  # how long the first would still have run
@@ -230,7 +196,7 @@ def test_closing_the_stream_cancels_the_sequence_in_triton(triton_server):
 
 def test_a_timeout_ends_the_generation_with_deadline(triton_server):
     params = SamplingParams(max_tokens=TEST_LM_CONTEXT - 8, temperature=0)
-    events = run(lambda triton: events_of(triton, "Hello", params, deadline=0.2), TritonBackend(triton_server.url))
+    events = run_scenario(lambda triton: events_of(triton, "Hello", params, deadline=0.2), TritonBackend(triton_server.url))
     assert events[-1]["finish_reason"] == "deadline"
     assert events[-1]["usage"]["completion_tokens"] < params.max_tokens
 
@@ -261,14 +227,14 @@ def test_a_full_generation_queue_is_too_many_requests(triton_server):
         assert requeued, "the cancelled request still held the waiting place after 2 s"
         return refused, refused_again, await requeued[0]
 
-    refused, refused_again, first = run(scenario, TritonBackend(triton_server.url))
+    refused, refused_again, first = run_scenario(scenario, TritonBackend(triton_server.url))
     assert len(refused) == 1 and isinstance(refused[0], TooManyRequests)
     assert all(isinstance(error, TooManyRequests) for error in refused_again)
     assert first["type"] == "token"
 
 
 def test_models_lists_every_model_ready(triton_server):
-    cards = run(lambda triton: triton.models(), TritonBackend(triton_server.url))
+    cards = run_scenario(lambda triton: triton.models(), TritonBackend(triton_server.url))
     assert [(c["id"], c["task"], c["ready"]) for c in cards] == [
         ("associative-memory", "retrieve", True), ("energy-transformer", "image-completion", True),
         (TEST_LM_NAME, "text-generation", True)]
