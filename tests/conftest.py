@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import re
 import uuid
 
@@ -8,8 +9,31 @@ import httpx
 import pytest
 
 from tests.harness import ServerProcess
+from tests.helpers import processes_matching, processes_with_environment, wait_until
 
 BACKENDS = ["embedded", "triton"]
+# In the environment of the test run, so every process it starts inherits it (Triton's stubs included).
+SESSION_MARKER = "AMSERVE_TEST_SESSION"
+# Servers a test may start that keep their own environment: flagged when they appear during the run.
+SERVICES = re.compile(r"postgres -D|llama-server|chromium.*headless")
+
+
+def leftovers(session: str, services_before: set[int]) -> dict[int, str]:
+    found = processes_with_environment(SESSION_MARKER, session)
+    found.pop(os.getpid(), None)
+    return found | {pid: command for pid, command in processes_matching(SERVICES).items() if pid not in services_before}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_run():
+    """Fails the run if a process it started is still alive once every other fixture is torn down."""
+    session = os.environ[SESSION_MARKER] = uuid.uuid4().hex
+    services_before = set(processes_matching(SERVICES))
+    yield
+    wait_until(lambda: not leftovers(session, services_before), timeout=10)  # ones ending right now
+    if left := leftovers(session, services_before):
+        pytest.fail("processes started by the tests outlived them:\n"
+                    + "\n".join(f"  {pid}: {command}" for pid, command in sorted(left.items())), pytrace=False)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
+import uuid
 from pathlib import Path
 
 import httpx
 
+from service.triton.launcher import end_processes, free_port, terminate_with_parent
+from tests.helpers import processes_with_environment, wait_until
+
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: tests and benchmarks run from it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Set to a fresh value in each server's environment, so that the server's descendants (with the triton
+# backend: its tritonserver in a session of its own, and Triton's Python stubs) can be found and ended.
+SERVER_MARKER = "AMSERVE_TEST_SERVER"
+STOP_GRACE_SECONDS = 15.0  # what the gateway's Triton gets to shut down once the gateway is gone
 
 
 class ServerProcess:
@@ -29,49 +29,60 @@ class ServerProcess:
         self.data_dir = data_dir
         self.backend = backend
         self.extra_args = extra_args or []
-        self.env = {**os.environ, **(env or {})}
+        self.marker = uuid.uuid4().hex
+        self.env = {**os.environ, **(env or {}), SERVER_MARKER: self.marker}
         self.rest_port = free_port()
         self.grpc_port = free_port()
+        self.url = f"http://127.0.0.1:{self.rest_port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.proc: subprocess.Popen | None = None
         self.log_path = (log_dir or data_dir.parent) / f"server-{self.rest_port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.rest_port}"
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, timeout: float = 120.0) -> "ServerProcess":
         cmd = [sys.executable, "-m", "service.cli", "serve", "--backend", self.backend,
                "--data-dir", str(self.data_dir), "--rest-port", str(self.rest_port),
                "--grpc-port", str(self.grpc_port), *self.extra_args]
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        # A session of its own: a Ctrl-C meant for the test run reaches the server only through stop();
+        # SIGTERM when the thread that started it ends, so a killed test run or benchmark leaves no server.
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, preexec_fn=terminate_with_parent)
+
+        def answers_ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/healthz/ready", timeout=1.0).status_code == 200:
-                    return self
+                return httpx.get(f"{self.url}/healthz/ready", timeout=1.0).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+                return False
+
+        try:
+            ready = wait_until(answers_ready, timeout, interval=0.2)
+        except RuntimeError:
+            self.stop()
+            raise
+        if not ready:
+            self.stop()
+            raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+        return self
+
+    def descendants(self) -> dict[int, str]:
+        """{pid: command line} of the processes this server started that are still alive."""
+        return processes_with_environment(SERVER_MARKER, self.marker)
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` to the server and wait for it to exit, then end every process it left behind;
+        returns the server's exit code."""
         assert self.proc is not None
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout=60)
+        end_processes(self.descendants, STOP_GRACE_SECONDS)
         self.log.close()
         return code
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.kill(signal.SIGTERM)
+        if self.proc is not None:
+            self.kill(signal.SIGTERM)  # a server that exited already gets no signal, its leftovers do
 
     def __enter__(self) -> "ServerProcess":
         return self.start()

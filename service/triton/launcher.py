@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import contextlib
 import ctypes
 import importlib.util
 import logging
@@ -36,6 +37,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 log = logging.getLogger("amserve.triton")
@@ -47,6 +49,8 @@ LOG_TAIL_LINES = 60
 # Logged once this process holds its HTTP port: until then a ready answer on that port may come from
 # another server already there, while this one is about to fail to bind.
 HTTP_STARTED = "Started HTTPService"
+# Seconds between SIGTERM and SIGKILL for what is left of Triton's group: its Python stubs, which exit at once.
+GROUP_GRACE_SECONDS = 5.0
 
 
 class TritonStartError(RuntimeError):
@@ -83,6 +87,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (zombies awaiting their reaper are gone already)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _parent, group = stat.read_text().rpartition(")")[2].split()[:3]
+        except OSError:
+            continue  # it exited while we looked
+        if int(group) == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def end_processes(members: Callable[[], Iterable[int]], grace: float) -> None:
+    """SIGTERM every process `members()` names (with SIGCONT, so a stopped one acts on it), SIGKILL
+    those still there after `grace` seconds, and wait a few seconds more for them to be gone."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        pids = list(members())
+        for pid in pids:
+            for each in (sig, signal.SIGCONT):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, each)
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+            pids = list(members())
+        if not pids:
+            return
+    log.warning("processes %s outlived SIGKILL", pids)
 
 
 def server_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -201,7 +236,7 @@ class TritonServer:
             env=server_environment(self.env),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C meant for the parent reaches Triton only through stop()
-            preexec_fn=_terminate_with_parent,
+            preexec_fn=terminate_with_parent,
         )
         self._log_thread = threading.Thread(target=self._forward_log, args=(self._process,),
                                             name="tritonserver-log", daemon=True)
@@ -233,7 +268,10 @@ class TritonServer:
         return self._process is not None and self._process.poll() is None
 
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after `stop_timeout` seconds; returns the exit code (None if never started)."""
+        """SIGTERM and up to `stop_timeout` seconds for Triton to exit; then whatever is left of its process
+        group (its Python stubs, Triton if it ignored SIGTERM) gets SIGTERM and, `GROUP_GRACE_SECONDS`
+        later, SIGKILL; also when Triton had died already. Returns Triton's exit code (None if never
+        started)."""
         process = self._process
         if process is None:
             return None
@@ -243,10 +281,11 @@ class TritonServer:
             try:
                 process.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
-                log.warning("tritonserver pid %d ignored SIGTERM for %.0fs; killing it", process.pid,
+                log.warning("tritonserver pid %d ignored SIGTERM for %.0fs; ending its group", process.pid,
                             self.stop_timeout)
-                os.killpg(process.pid, signal.SIGKILL)  # its own session: Triton and its Python stubs
-                process.wait()
+        # Its Python stubs outlive a Triton that crashed or was killed; only their group still names them.
+        end_processes(lambda: group_members(process.pid), GROUP_GRACE_SECONDS)  # leader's pid = group id
+        process.wait()
         if self._log_thread is not None:
             self._log_thread.join(timeout=5)
         if self._scratch is not None:
@@ -285,7 +324,7 @@ _PR_SET_PDEATHSIG = 1
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
-def _terminate_with_parent() -> None:
+def terminate_with_parent() -> None:
     """Runs in the child between fork and exec: ask Linux for SIGTERM when the parent dies."""
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from service.triton.launcher import TritonServer, TritonStartError
-from tests.triton.fixtures import MEMORY_ONLY, export_for_tests
+from tests.helpers import running, wait_until
+from tests.triton.fixtures import MEMORY_ONLY, export_for_tests, launch
 
 pytestmark = pytest.mark.triton
 
 
-def running(pid: int) -> bool:
-    """True while `pid` is a live process (a zombie awaiting its reaper counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+def stubs_of(pid: int) -> list[int]:
+    """The Python backend stubs Triton `pid` started, found by their parent and name."""
+    children = (Path("/proc") / str(pid) / "task" / str(pid) / "children").read_text().split()
+    return [int(child) for child in children
+            if Path(f"/proc/{child}/comm").read_text().strip() == "triton_python_b"]  # comm: 15 characters
 
 
 def test_ready_then_stop_leaves_no_process(tmp_path):
@@ -31,11 +31,29 @@ def test_ready_then_stop_leaves_no_process(tmp_path):
     with TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0, log_path=log_path,
                       env={"AMSERVE_DATA_DIR": ""}) as server:
         assert server.is_alive() and server.health_ready()
-        pid = server.pid
+        pid, stubs = server.pid, stubs_of(server.pid)
+        assert stubs, "one stub per model instance"
     assert not server.is_alive() and not server.health_ready()
-    assert not running(pid)
+    assert not running(pid) and not any(map(running, stubs))
     assert "successfully loaded 'associative_memory'" in log_path.read_text()
     assert (tmp_path / "data" / "banks.sqlite3").exists()  # the model opened the config's data dir
+
+
+def test_no_stub_outlives_a_killed_triton(tmp_path):
+    """A Triton killed by SIGKILL leaves its Python stubs running; stop() ends them. The stubs are
+    stopped (SIGSTOP) first, as a stub stuck in its model would be, so that none leaves by itself."""
+    server = launch(tmp_path, MEMORY_ONLY)
+    try:
+        stubs = stubs_of(server.pid)
+        assert stubs
+        for stub in stubs:
+            os.kill(stub, signal.SIGSTOP)
+        os.kill(server.pid, signal.SIGKILL)
+        assert wait_until(lambda: not server.is_alive(), timeout=10)
+        assert all(map(running, stubs)), "the stubs outlive the killed Triton"
+    finally:
+        server.stop()
+    assert not any(map(running, stubs))
 
 
 def test_a_model_that_fails_to_load_stops_start_with_its_error(tmp_path):
@@ -77,12 +95,10 @@ def test_triton_follows_a_killed_parent(tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         pid = int(parent.stdout.readline())
-        assert running(pid)
+        stubs = stubs_of(pid)
+        assert running(pid) and stubs
     finally:
         parent.kill()
         parent.wait()
-    for _ in range(150):  # bounded: Triton's graceful shutdown takes a few seconds
-        if not running(pid):
-            break
-        time.sleep(0.2)
-    assert not running(pid)
+    # Triton's graceful shutdown, stubs included, takes a few seconds.
+    assert wait_until(lambda: not running(pid) and not any(map(running, stubs)), timeout=30)

@@ -35,31 +35,34 @@ def small_disk(path: Path, size: str):
 
 def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
     server = ServerProcess(tmp_path / "data", extra_args=NO_LM).start()
-    rng = np.random.default_rng(0)
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        c.put("/v1/banks/slow", json={"kind": "rbf", "dim": 64, "params": {"beta": 0.01}}).raise_for_status()
-        c.post("/v1/banks/slow/store", json={"patterns": rng.standard_normal((2000, 64)).tolist()}).raise_for_status()
-    slow = {"queries": [[0.1] * 64], "steps": 400, "tolerance": 1e-12}
-    outcomes: list[int] = []
-
-    def in_flight() -> None:
+    try:
+        rng = np.random.default_rng(0)
         with httpx.Client(base_url=server.url, timeout=60) as c:
-            outcomes.append(c.post("/v1/banks/slow/retrieve", json=slow).status_code)
+            c.put("/v1/banks/slow", json={"kind": "rbf", "dim": 64, "params": {"beta": 0.01}}).raise_for_status()
+            c.post("/v1/banks/slow/store", json={"patterns": rng.standard_normal((2000, 64)).tolist()}).raise_for_status()
+        slow = {"queries": [[0.1] * 64], "steps": 400, "tolerance": 1e-12}
+        outcomes: list[int] = []
 
-    threads = [threading.Thread(target=in_flight) for _ in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)  # the requests are being served
-    started = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    with pytest.raises(httpx.HTTPError):  # no new connections once draining
-        httpx.post(f"{server.url}/v1/banks/slow/retrieve", json=slow, timeout=5).raise_for_status()
-    for t in threads:
-        t.join(timeout=60)
-    code = server.proc.wait(timeout=40)
-    assert outcomes == [200, 200, 200], outcomes  # admitted work finished
-    assert code == 0 and time.monotonic() - started < 35
+        def in_flight() -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                outcomes.append(c.post("/v1/banks/slow/retrieve", json=slow).status_code)
+
+        threads = [threading.Thread(target=in_flight) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # the requests are being served
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.HTTPError):  # no new connections once draining
+            httpx.post(f"{server.url}/v1/banks/slow/retrieve", json=slow, timeout=5).raise_for_status()
+        for t in threads:
+            t.join(timeout=60)
+        code = server.proc.wait(timeout=40)
+        assert outcomes == [200, 200, 200], outcomes  # admitted work finished
+        assert code == 0 and time.monotonic() - started < 35
+    finally:
+        server.stop()
 
 
 def _store_until_refused(server: ServerProcess, limit: int = 3000) -> tuple[list[tuple[str, list[float]]], httpx.Response]:
