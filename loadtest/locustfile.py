@@ -159,11 +159,12 @@ def _cover_all(user) -> None:
             run_task(user)
 
 
-class App:
-    """What the REST and gRPC users share: a think time between tasks, the run's options, and a bank
-    of their own, created at start with SEED_PATTERNS in it. Each transport connects, creates the
-    bank and stores in its own way."""
+class App(User):
+    """What the REST and gRPC users share: a think time between tasks, the run's options, a bank of
+    their own, created at start with SEED_PATTERNS in it, and the store task. Each transport
+    connects, creates the bank and stores in its own way."""
 
+    abstract = True
     transport: str
 
     def wait_time(self) -> float:
@@ -181,14 +182,27 @@ class App:
         self._store(SEED_PATTERNS)
         _cover_all(self)
 
-    def _cue(self) -> list[float]:
-        """A noisy copy of a stored pattern, to retrieve from."""
-        return noisy(self.bank.some_stored(), self.bank.rng)
+    @tag("memory")
+    @task(10)
+    def retrieve(self) -> None:
+        """From a noisy copy of a stored pattern."""
+        if not self.bank.count:
+            return self._store(SEED_PATTERNS)
+        self._retrieve(noisy(self.bank.some_stored(), self.bank.rng))
 
-    def _partial(self) -> tuple[list[float], list[bool]]:
-        """A stored pattern with its second half unknown (zeros), and the mask that says which half."""
+    @tag("memory")
+    @task(3)
+    def complete(self) -> None:
+        """A stored pattern whose second half is unknown (zeros)."""
+        if not self.bank.count:
+            return self._store(SEED_PATTERNS)
         mask = half_mask(self.bank.dim)
-        return [x if known else 0.0 for x, known in zip(self.bank.some_stored(), mask)], mask
+        self._complete([x if known else 0.0 for x, known in zip(self.bank.some_stored(), mask)], mask)
+
+    @tag("memory")
+    @task(2)
+    def store(self) -> None:
+        self._store(STORE_BATCH)
 
 
 # --------------------------------------------------------------------------------------------- REST
@@ -230,27 +244,13 @@ class RestUser(App, HttpUser):
             elif not holds(r.json()):
                 r.failure(f"{what}: expected {expected}")
 
-    @tag("memory")
-    @task(10)
-    def retrieve(self) -> None:
-        if not self.bank.count:
-            return self._store(SEED_PATTERNS)
-        self._post(f"/v1/banks/{self.bank.name}/retrieve", {"queries": [self._cue()], "steps": 10},
+    def _retrieve(self, query: list[float]) -> None:
+        self._post(f"/v1/banks/{self.bank.name}/retrieve", {"queries": [query], "steps": 10},
                    RETRIEVE_ROUTE, "retrieve", "one result", lambda answer: len(answer.get("results", [])) == 1)
 
-    @tag("memory")
-    @task(3)
-    def complete(self) -> None:
-        if not self.bank.count:
-            return self._store(SEED_PATTERNS)
-        query, mask = self._partial()
+    def _complete(self, query: list[float], mask: list[bool]) -> None:
         self._post(f"/v1/banks/{self.bank.name}/complete", {"queries": [query], "mask": [mask], "steps": 10},
                    COMPLETE_ROUTE, "complete", "one result", lambda answer: len(answer.get("results", [])) == 1)
-
-    @tag("memory")
-    @task(2)
-    def store(self) -> None:
-        self._store(STORE_BATCH)
 
     @tag("image")
     @task(2)
@@ -362,27 +362,13 @@ class GrpcUser(App, User):
         if reply is not None:
             self.bank.stored(ids)
 
-    @tag("memory")
-    @task(10)
-    def retrieve(self) -> None:
-        if not self.bank.count:
-            return self._store(SEED_PATTERNS)
+    def _retrieve(self, query: list[float]) -> None:
         self._call("Retrieve", self.stub.Retrieve,
-                   pb.RetrieveRequest(bank=self.bank.name, queries=[pb.Vector(values=self._cue())], steps=10))
+                   pb.RetrieveRequest(bank=self.bank.name, queries=[pb.Vector(values=query)], steps=10))
 
-    @tag("memory")
-    @task(3)
-    def complete(self) -> None:
-        if not self.bank.count:
-            return self._store(SEED_PATTERNS)
-        query, mask = self._partial()
+    def _complete(self, query: list[float], mask: list[bool]) -> None:
         self._call("Complete", self.stub.Complete, pb.CompleteRequest(
             bank=self.bank.name, queries=[pb.Vector(values=query)], mask=[pb.Mask(values=mask)], steps=10))
-
-    @tag("memory")
-    @task(2)
-    def store(self) -> None:
-        self._store(STORE_BATCH)
 
     @tag("image")
     @task(2)
