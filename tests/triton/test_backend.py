@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from service.backends.triton import TritonBackend
-from service.engines.lm import SamplingParams
-from service.banks.store import SQLiteStore
 from service.banks.registry import BankRegistry, DynamicsOptions
+from service.banks.store import SQLiteStore
+from service.engines.lm import SamplingParams
 from service.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Overloaded, Unavailable
 from service.triton.launcher import free_port
 from tests.helpers import inference_counts, outcome, run_scenario
@@ -57,7 +57,7 @@ class RegistryBackend:
         return self.registry.delete_pattern(name, pattern_id)
 
     async def run_memory(self, name, queries, clamp, options):
-        return self.registry.run(name, queries, clamp, options)
+        return self.registry.run_batch(name, [self.registry.check_queries(name, queries, clamp)], options)[0]
 
 
 def bank_name() -> str:
@@ -117,7 +117,8 @@ def test_every_operation_answers_like_the_embedded_backend(triton_server, tmp_pa
         (NotFound, "bank")]
     retrieved = answers[11][0]
     assert len(retrieved) == len(noisy)
-    assert all(len(r.state) == DIM and r.trace and r.nearest["id"] in ids for r in retrieved)
+    assert retrieved.states.shape == (len(noisy), DIM) and retrieved.trace.shape[0] == len(noisy)
+    assert all(pid in ids for pid in retrieved.nearest)
 
 
 def test_concurrent_retrieves_share_executions(triton_server):
@@ -142,9 +143,9 @@ def test_concurrent_retrieves_share_executions(triton_server):
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == concurrent
     assert executions < inferences, "Triton never batched concurrent requests"
-    assert [r[0].nearest["id"] for r in together] == [f"p{i // 8}" for i in range(concurrent)]
+    assert [r.nearest[0] for r in together] == [f"p{i // 8}" for i in range(concurrent)]
     for single, batched in zip(alone, together):
-        np.testing.assert_allclose(batched[0].state, single[0].state, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(batched.states[0], single.states[0], rtol=1e-5, atol=1e-6)
 
 
 def test_banks_survive_a_restart_and_the_backend_reconnects(tmp_path):
@@ -175,7 +176,7 @@ def test_banks_survive_a_restart_and_the_backend_reconnects(tmp_path):
         server.stop()
     assert down is False
     assert (info.name, info.count) == (bank, 4)
-    assert [r.nearest["id"] for r in results] == ["a", "b", "c", "d"]
+    assert results.nearest == ["a", "b", "c", "d"]
 
 
 def test_ready_is_false_and_calls_unavailable_without_triton():

@@ -18,7 +18,8 @@ from service.backends.embedded import EmbeddedBackend
 from service.backends.triton import TritonBackend
 from service.engines.lm import SamplingParams
 from service.errors import InvalidArgument, TooManyRequests, Unavailable
-from service.triton.export import ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER, export
+from service.triton.export import export
+from service.triton.spec import ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER
 from service.triton.launcher import TritonServer
 from tests.helpers import inference_counts, outcome, run_scenario
 from tests.triton.fixtures import TEST_LM_CONTEXT, TEST_LM_LIMITS, TEST_LM_NAME, export_for_tests
@@ -64,7 +65,7 @@ def test_image_completion_answers_like_the_embedded_backend(triton_server, tmp_p
     answers = run_scenario(scenario, TritonBackend(triton_server.url), embedded(triton_server, tmp_path))
     for over_triton, local in answers[:3]:
         np.testing.assert_array_equal(over_triton[0], local[0])  # same engine, same float32 math
-        assert over_triton[1] == local[1]
+        np.testing.assert_array_equal(over_triton[1], local[1])
     assert len(answers[1][0][1]) == 4 and len(answers[2][0][1]) == 1
     for over_triton, local in answers[3:]:
         assert over_triton == local
@@ -105,13 +106,15 @@ def test_concurrent_completions_share_executions(triton_server):
         np.testing.assert_allclose(batched[1], single[1], rtol=1e-5, atol=1e-4)
 
 
-def test_without_weights_the_energy_transformer_answers_503_and_is_not_ready(tmp_path):
+def test_without_weights_the_energy_transformer_answers_503_and_is_not_ready(tmp_path, monkeypatch):
     """The rest of the repository is served all the same, as over the embedded backend."""
+    from service.triton import export as exporter
+
     repository = export_for_tests(tmp_path / "repository", tmp_path / "data", (ASSOCIATIVE_MEMORY,))
+    monkeypatch.setattr(exporter, "SHIPPED_REPOSITORY", tmp_path / "no-weights")  # nothing to copy along
     export(repository, data_dir=tmp_path / "data", max_batch_size=8, max_queue_delay_us=100, max_queue_size=16,
            device_kind="cpu", models=(ENERGY_TRANSFORMER,))
-    for name in ("et_config.json", "model.safetensors"):  # copied from the checked-in repository, if there
-        (repository / "energy_transformer" / "1" / name).unlink(missing_ok=True)
+    assert not (repository / "energy_transformer" / "1" / "model.safetensors").exists()
     server = TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0, data_dir=tmp_path / "data")
     pixels, missing = digits(1)
 
