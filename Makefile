@@ -10,6 +10,9 @@ ARGS ?=
 
 .PHONY: setup serve test bench loadtest proto clean
 
+# PostgreSQL's server binaries, for the tests' throwaway clusters (`make serve` does not need them).
+PG_BIN := /usr/lib/postgresql/15/bin
+
 setup: $(STAMP) service/api/pb/amserve_pb2.py
 
 # torch first, pinned: the CPU wheel; anything unpinned would pull a multi-GB CUDA build.
@@ -24,6 +27,13 @@ $(STAMP): pyproject.toml
 service/api/pb/amserve_pb2.py: $(STAMP) $(wildcard proto/amserve/v1/*.proto)
 	$(BIN)/python -m service.api.protos
 
+# Debian's package, without the default cluster it would otherwise create and start.
+$(PG_BIN)/initdb:
+	mkdir -p /etc/postgresql-common
+	test -e /etc/postgresql-common/createcluster.conf || echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.conf
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15
+
 proto: $(STAMP)
 	$(BIN)/python -m service.api.protos
 
@@ -34,7 +44,7 @@ model_repository/llm/1/config.json: | $(STAMP)
 serve: setup model_repository/llm/1/config.json
 	$(BIN)/amserve serve $(SERVE_ARGS)
 
-test: setup
+test: setup $(PG_BIN)/initdb
 	$(BIN)/pytest -q -rs
 
 # Every benchmark, then one report.json with all figures and the plots (loadtest/results/).

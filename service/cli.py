@@ -18,7 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env(
         host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port, backend=args.backend,
-        triton_url=args.triton_url, data_dir=args.data_dir, model_repository=args.model_repository,
+        triton_url=args.triton_url, data_dir=args.data_dir, store=args.store, model_repository=args.model_repository,
         device=args.device, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
         max_queue_size=args.max_queue_size, max_body_bytes=args.max_body_bytes,
         max_vectors_per_request=args.max_vectors_per_request, model=args.model,
@@ -38,6 +38,8 @@ def _add_serve(commands) -> None:
     p.add_argument("--rest-port", type=int, help="REST port (default 8000)")
     p.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
     p.add_argument("--data-dir", type=Path, help="where banks are persisted (default ./data)")
+    p.add_argument("--store", help="postgresql://user@host:port/db: banks in a PostgreSQL shared by several "
+                                   "replicas instead of SQLite in the data dir (also AMSERVE_STORE)")
     p.add_argument("--model-repository", type=Path, help="Triton model repository (default ./model_repository)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="engine device (default auto)")
     p.add_argument("--max-batch-size", type=int, help="query rows per batched engine call (default 64)")

@@ -15,6 +15,7 @@ class Settings:
     backend: str = "triton"                 # "triton" | "embedded"
     triton_url: str | None = None           # host:port of a running Triton's gRPC endpoint
     data_dir: Path = Path("data")
+    store: str | None = None                # postgresql://… to share banks between replicas (else SQLite in data_dir)
     model_repository: Path = Path("model_repository")
     device: str = "auto"                    # "auto" | "cpu" | "cuda"
     model: str = "default"                  # LM to serve: "default", a checkpoint dir / .gguf, or "none"

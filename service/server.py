@@ -23,7 +23,7 @@ def build_backend(settings: Settings) -> Backend:
     if settings.backend == "embedded":
         from service.backends.embedded import EmbeddedBackend
 
-        return EmbeddedBackend(settings.data_dir, model_repository=settings.model_repository,
+        return EmbeddedBackend(settings.data_dir, store=settings.store, model_repository=settings.model_repository,
                                device=settings.torch_device(),
                                max_batch_size=settings.max_batch_size,
                                max_queue_delay_us=settings.max_queue_delay_us,
@@ -38,8 +38,10 @@ def build_backend(settings: Settings) -> Backend:
         if settings.triton_url:  # e.g. a Triton StatefulSet in Kubernetes
             return TritonBackend(settings.triton_url)
         # Otherwise run the bundled Triton as a child on free ports, serving this data dir.
+        # The associative_memory model opens the same store (AMSERVE_STORE) and follows it as a replica.
+        store = {"AMSERVE_STORE": settings.store} if settings.store else {}
         return TritonBackend(server=TritonServer(settings.model_repository, http_port=0, grpc_port=0,
-                                                 metrics_port=0, data_dir=settings.data_dir))
+                                                 metrics_port=0, data_dir=settings.data_dir, env=store))
     raise SystemExit(f"unknown backend {settings.backend!r} (expected 'embedded' or 'triton')")
 
 

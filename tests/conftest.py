@@ -9,9 +9,12 @@ import httpx
 import pytest
 
 from tests.harness import ServerProcess
+from tests.postgres import PostgresCluster
 from tests.helpers import processes_matching, processes_with_environment, wait_until
 
-BACKENDS = ["embedded", "triton"]
+# The API suite runs against each: the embedded and triton backends on SQLite, and the embedded
+# backend as a replica of a PostgreSQL store.
+BACKENDS = ["embedded", "triton", "postgresql"]
 # In the environment of the test run, so every process it starts inherits it (Triton's stubs included).
 SESSION_MARKER = "AMSERVE_TEST_SESSION"
 # Servers a test may start that keep their own environment: flagged when they appear during the run.
@@ -36,9 +39,28 @@ def no_process_outlives_the_run():
                     + "\n".join(f"  {pid}: {command}" for pid, command in sorted(left.items())), pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL cluster for the run; tests take a database of their own from it."""
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture()
+def postgres_dsn(postgres, request) -> str:
+    """A fresh, empty database on the test cluster."""
+    return postgres.create_database(re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + uuid.uuid4().hex[:8])
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
 def server(request, tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp(f"data-{request.param}"), backend=request.param) as proc:
+    data_dir = tmp_path_factory.mktemp(f"data-{request.param}")
+    if request.param == "postgresql":
+        dsn = request.getfixturevalue("postgres").create_database("api_suite")
+        server = ServerProcess(data_dir, backend="embedded", extra_args=["--store", dsn])
+    else:
+        server = ServerProcess(data_dir, backend=request.param)
+    with server as proc:
         yield proc
 
 

@@ -32,12 +32,12 @@ def _struct(values: dict) -> struct_pb2.Struct:
 
 def _bank_info(info: BankInfo) -> pb.BankInfo:
     return pb.BankInfo(name=info.name, kind=info.kind, dim=info.dim, params=_struct(info.params),
-                       count=info.count, bytes=info.bytes)
+                       count=info.count, bytes=info.bytes, version=info.version, checksum=info.checksum)
 
 
 def _dynamics(request) -> dict:
     fields = {"queries": [list(v.values) for v in request.queries], "trace": request.trace}
-    for name in ("steps", "step_size", "tolerance"):
+    for name in ("steps", "step_size", "tolerance", "min_version"):
         if request.HasField(name):
             fields[name] = getattr(request, name)
     return fields
@@ -110,13 +110,13 @@ class AmserveServicer(pb_grpc.AmserveServicer):
             body = schemas.StoreRequest.model_validate(
                 {"patterns": [list(v.values) for v in request.patterns], "ids": list(request.ids) or None})
             stored = await self.ops.store(tenant, request.bank, body)
-            return pb.StoreResponse(ids=stored.ids, count=stored.count)
+            return pb.StoreResponse(ids=stored.ids, count=stored.count, version=stored.version)
         return await self._call("Store", context, handler)
 
     async def DeletePattern(self, request, context):
         async def handler(tenant):
-            await self.ops.delete_pattern(tenant, request.bank, request.id)
-            return pb.DeletePatternResponse()
+            deleted = await self.ops.delete_pattern(tenant, request.bank, request.id)
+            return pb.DeletePatternResponse(version=deleted.version)
         return await self._call("DeletePattern", context, handler)
 
     async def Retrieve(self, request, context):

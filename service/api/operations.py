@@ -42,6 +42,7 @@ class Operations:
         self.backend = backend
         self.limits = limits
         self._streams: Counter[str | None] = Counter()  # generations in progress per tenant
+        self._writes = RecentWrites()
 
     async def create_bank(self, tenant: str | None, bank: str, request: schemas.CreateBank) -> BankInfo:
         if request.dim > self.limits.max_dim:
@@ -70,12 +71,17 @@ class Operations:
     async def store(self, tenant: str | None, bank: str, request: schemas.StoreRequest) -> schemas.StoreResponse:
         name = qualified(tenant, bank)
         self._check_vector_count(request.patterns, "patterns")
-        ids, count = await self.backend.store(name, np.asarray(request.patterns, dtype=np.float32), request.ids)
+        ids, count, version = await self.backend.store(name, np.asarray(request.patterns, dtype=np.float32),
+                                                       request.ids)
         metrics.BANK_PATTERNS.labels(name).set(count)
-        return schemas.StoreResponse(ids=ids, count=count)
+        self._writes.remember(name, version)
+        return schemas.StoreResponse(ids=ids, count=count, version=version)
 
-    async def delete_pattern(self, tenant: str | None, bank: str, pattern_id: str) -> None:
-        await self.backend.delete_pattern(qualified(tenant, bank), pattern_id)
+    async def delete_pattern(self, tenant: str | None, bank: str, pattern_id: str) -> schemas.DeletePatternResponse:
+        name = qualified(tenant, bank)
+        version = await self.backend.delete_pattern(name, pattern_id)
+        self._writes.remember(name, version)
+        return schemas.DeletePatternResponse(version=version)
 
     async def retrieve(self, tenant: str | None, bank: str, request: schemas.RetrieveRequest
                        ) -> schemas.RetrieveResponse:
@@ -179,7 +185,9 @@ class Operations:
                    ) -> schemas.RetrieveResponse:
         self._check_vector_count(request.queries, "queries")
         options = DynamicsOptions(request.steps, request.step_size, request.tolerance, request.trace)
-        results = await self.backend.run_memory(bank, np.asarray(request.queries, dtype=np.float32), clamp, options)
+        min_version = max(request.min_version or 0, self._writes.version(bank))
+        results = await self.backend.run_memory(bank, np.asarray(request.queries, dtype=np.float32), clamp, options,
+                                                min_version)
         steps = metrics.RETRIEVE_STEPS.labels(bank)
         for count in results.steps.tolist():
             steps.observe(count)
@@ -189,6 +197,28 @@ class Operations:
         if len(vectors) > self.limits.max_vectors:
             raise InvalidArgument(f"{field}: {len(vectors)} vectors exceed the limit of {self.limits.max_vectors} "
                                   "per request", field=field)
+
+
+class RecentWrites:
+    """The bank versions this gateway's own writes produced in the last `window` seconds: a read of
+    the same bank (the same tenant's, as names are qualified) then asks for at least that version, so
+    a client reads its writes through this gateway without passing min_version itself."""
+
+    def __init__(self, window: float = 10.0, max_banks: int = 10_000):
+        self.window = window
+        self.max_banks = max_banks
+        self._latest: dict[str, tuple[int, float]] = {}  # bank → (version, when written)
+
+    def remember(self, bank: str, version: int) -> None:
+        now = time.monotonic()
+        if len(self._latest) >= self.max_banks:  # bounded: forget what is past the window
+            self._latest = {b: entry for b, entry in self._latest.items() if now - entry[1] < self.window}
+        previous = self._latest.get(bank, (0, 0.0))[0]
+        self._latest[bank] = (max(version, previous), now)
+
+    def version(self, bank: str) -> int:
+        version, when = self._latest.get(bank, (0, 0.0))
+        return version if time.monotonic() - when < self.window else 0
 
 
 class GenerationStream:

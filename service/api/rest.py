@@ -26,6 +26,7 @@ from service.api.middleware import AdmissionLimit, BodyLimit, Measured, error_re
 from service.api.operations import Operations
 from service.banks.registry import BankInfo
 
+VERSION_HEADER = "Amserve-Bank-Version"
 ERRORS = {status: {"model": schemas.ErrorResponse} for status in (401, 404, 409, 413, 422, 429, 503)}
 
 
@@ -65,8 +66,11 @@ async def live() -> dict:
 
 @probes.get("/healthz/ready")
 async def ready(ops: Ops) -> JSONResponse:
+    """503 when the backend cannot serve; 200 naming the degraded parts when it serves in part (reads
+    go on while the store is away, so the orchestrator should keep sending them)."""
     is_ready = await ops.backend.ready()
-    return JSONResponse({"ready": is_ready, "backend": ops.backend.name}, status_code=200 if is_ready else 503)
+    body = {"ready": is_ready, "backend": ops.backend.name, "degraded": await ops.backend.degraded()}
+    return JSONResponse(body, status_code=200 if is_ready else 503)
 
 
 @probes.get("/metrics", dependencies=[Depends(metrics_access)])
@@ -102,8 +106,9 @@ async def store(bank: str, body: schemas.StoreRequest, ops: Ops, tenant: Caller)
 
 @banks.delete("/{bank}/patterns/{pattern_id}", status_code=204, tags=["memory"])
 async def delete_pattern(bank: str, pattern_id: str, ops: Ops, tenant: Caller) -> Response:
-    await ops.delete_pattern(tenant, bank, pattern_id)
-    return Response(status_code=204)
+    """204; the bank's version after the deletion comes in the Amserve-Bank-Version header."""
+    deleted = await ops.delete_pattern(tenant, bank, pattern_id)
+    return Response(status_code=204, headers={VERSION_HEADER: str(deleted.version)})
 
 
 @banks.post("/{bank}/retrieve", response_model=schemas.RetrieveResponse, tags=["memory"])

@@ -64,6 +64,11 @@ class StoreRequest(Strict):
 class StoreResponse(BaseModel):
     ids: list[str]
     count: int
+    version: int = Field(description="the bank's version after this write; pass it as min_version to read it back")
+
+
+class DeletePatternResponse(BaseModel):
+    version: int
 
 
 class DynamicsRequest(Strict):
@@ -72,6 +77,8 @@ class DynamicsRequest(Strict):
     step_size: float | None = Field(default=None, gt=0, le=1e3, allow_inf_nan=False)
     tolerance: float | None = Field(default=None, gt=0, le=1e3, allow_inf_nan=False)
     trace: bool = False
+    min_version: int | None = Field(default=None, ge=0, lt=2**63,
+                                    description="answer only from bank state at this version or later")
 
     _rectangular = field_validator("queries")(check_matrix)
 

@@ -40,6 +40,11 @@ class Backend(Protocol):
         """True when every model this backend serves can answer now."""
         ...
 
+    async def degraded(self) -> list[str]:
+        """The parts that cannot serve now while the rest does (e.g. "store": writes refused, reads
+        answered from replica memory); empty when all is well."""
+        ...
+
     async def create_bank(self, name: str, kind: str, dim: int, params: dict) -> BankInfo: ...
 
     async def list_banks(self) -> list[BankInfo]: ...
@@ -48,11 +53,13 @@ class Backend(Protocol):
 
     async def delete_bank(self, name: str) -> None: ...
 
-    async def store(self, name: str, patterns: np.ndarray, ids: list[str] | None) -> tuple[list[str], int]:
-        """Returns (ids in request order, bank count) once the patterns are durable."""
+    async def store(self, name: str, patterns: np.ndarray, ids: list[str] | None) -> tuple[list[str], int, int]:
+        """Returns (ids in request order, bank count, bank version) once the patterns are durable."""
         ...
 
-    async def delete_pattern(self, name: str, pattern_id: str) -> None: ...
+    async def delete_pattern(self, name: str, pattern_id: str) -> int:
+        """Returns the bank's version once the deletion is durable."""
+        ...
 
     async def models(self) -> list[dict]:
         """Served models: the cards above, {"id", "task", "ready", "details"}."""
@@ -71,6 +78,7 @@ class Backend(Protocol):
         ...
 
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
-                         options: DynamicsOptions) -> MemoryResults:
-        """Retrieve (clamp None) or complete (clamp N×D bool, True = known) on one bank: one row per query."""
+                         options: DynamicsOptions, min_version: int = 0) -> MemoryResults:
+        """Retrieve (clamp None) or complete (clamp N×D bool, True = known) on one bank: one row per
+        query, from bank state at `min_version` or later (Unavailable when it cannot be had in time)."""
         ...

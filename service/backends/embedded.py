@@ -1,8 +1,10 @@
-"""Engines in the gateway process: banks from the local data dir, retrieve/complete micro-batched."""
+"""Engines in the gateway process: banks from the store (the local data dir, or a shared PostgreSQL
+that this process follows as a replica), retrieve/complete micro-batched."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +21,12 @@ from service.engines import energy_transformer
 from service.engines.lm import SamplingParams, Tokenizer
 from service.serving.scheduler import FinishEvent, GenerationRequest, Scheduler, event_dict
 from service.engines.lm.weights import DEFAULT_MODEL_NAME, default_gguf_path, load_model
-from service.banks.store import SQLiteStore
+from service.banks.store import open_store
 from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResults
 from service.errors import Overloaded, TooManyRequests, Unavailable
 
+# How long a read asking for a bank version this replica has not applied yet may wait for it.
+MAX_LAG_WAIT_S = 2.0
 ET_DIR = Path("energy_transformer") / "1"
 LM_DIR = Path("llm") / "1"
 
@@ -40,11 +44,11 @@ def resolve_model(spec: str, model_repository: Path) -> tuple[Path, str]:
 class EmbeddedBackend:
     name = "embedded"
 
-    def __init__(self, data_dir, *, model_repository: Path = Path("model_repository"), device: str = "cpu",
+    def __init__(self, data_dir, *, store: str | None = None, model_repository: Path = Path("model_repository"), device: str = "cpu",
                  max_batch_size: int = 64, max_queue_delay_us: int = 500, max_queue_size: int = 1024,
                  model: str = "default", max_running_sequences: int = 16, max_waiting_sequences: int = 64,
                  max_context: int = 2048):
-        self._data_dir = data_dir
+        self._store = store or data_dir
         self._model_repository = Path(model_repository)
         self._lm = model
         self._lm_limits = dict(max_batch_size=max_running_sequences, max_waiting=max_waiting_sequences,
@@ -57,6 +61,10 @@ class EmbeddedBackend:
         # waits behind a long retrieve batch.
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="bank-writes")
+        # Reads that need a newer bank version than served catch up here, off the loop and off writes.
+        self._sync_thread = ThreadPoolExecutor(2, thread_name_prefix="bank-sync")
+        self._stop_following = threading.Event()
+        self._follower: threading.Thread | None = None
         self.registry: BankRegistry | None = None
         self.batcher: MicroBatcher | None = None
         self.image_model: energy_transformer.EnergyTransformer | None = None
@@ -68,7 +76,11 @@ class EmbeddedBackend:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.registry = await loop.run_in_executor(
-            self._write_thread, lambda: BankRegistry(SQLiteStore(self._data_dir), self._device))
+            self._write_thread, lambda: BankRegistry(open_store(self._store), self._device))
+        if self.registry.store.shared:  # other gateways write too: follow the change log
+            self._follower = threading.Thread(target=self.registry.follow, args=(self._stop_following,),
+                                              name="bank-follower", daemon=True)
+            self._follower.start()
         self.batcher = MicroBatcher(self._run_batch, executor=self._engine_thread, **self._batching)
         self.batcher.start()
         if (self._model_repository / ET_DIR / energy_transformer.CONFIG_FILE).is_file():
@@ -91,12 +103,19 @@ class EmbeddedBackend:
             if batcher is not None:
                 await batcher.close()
         self._engine_thread.shutdown(wait=True)
+        self._stop_following.set()
+        if self._follower is not None:
+            await asyncio.to_thread(self._follower.join)
         self._write_thread.shutdown(wait=True)
+        self._sync_thread.shutdown(wait=True)
         if self.registry is not None:
             self.registry.store.close()
 
     async def ready(self) -> bool:
         return self.registry is not None
+
+    async def degraded(self) -> list[str]:
+        return [] if self.registry is None or self.registry.store_reachable else ["store"]
 
     async def models(self) -> list[dict]:
         image_size = self.image_model.config.image_size if self.image_model else None
@@ -156,14 +175,17 @@ class EmbeddedBackend:
     async def delete_bank(self, name: str) -> None:
         await self._write(self.registry.delete, name)
 
-    async def store(self, name: str, patterns: np.ndarray, ids: list[str] | None) -> tuple[list[str], int]:
+    async def store(self, name: str, patterns: np.ndarray, ids: list[str] | None) -> tuple[list[str], int, int]:
         return await self._write(self.registry.store_patterns, name, patterns, ids)
 
-    async def delete_pattern(self, name: str, pattern_id: str) -> None:
-        await self._write(self.registry.delete_pattern, name, pattern_id)
+    async def delete_pattern(self, name: str, pattern_id: str) -> int:
+        return await self._write(self.registry.delete_pattern, name, pattern_id)
 
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
-                         options: DynamicsOptions) -> MemoryResults:
+                         options: DynamicsOptions, min_version: int = 0) -> MemoryResults:
+        if min_version and (name not in self.registry or self.registry.version(name) < min_version):
+            await asyncio.get_running_loop().run_in_executor(
+                self._sync_thread, self.registry.at_version, name, min_version, MAX_LAG_WAIT_S)
         part = self.registry.check_queries(name, queries, clamp)  # a bad request fails alone, not its batch
         return await self.batcher.submit((name, options.steps, options.step_size, options.tolerance,
                                           options.trace), part, rows=len(queries))

@@ -113,6 +113,9 @@ class TritonBackend:
         """Triton's server and model readiness, within `ready_timeout`; False when Triton is away."""
         return await self._model_ready(ASSOCIATIVE_MEMORY.name, server=True)
 
+    async def degraded(self) -> list[str]:
+        return []  # the store is Triton's own: a failing one shows in its writes' answers
+
     async def _model_ready(self, model: str, server: bool = False) -> bool:
         if self._client is None:
             return False
@@ -218,16 +221,17 @@ class TritonBackend:
     async def delete_bank(self, name: str) -> None:
         await self._call("delete", name)
 
-    async def store(self, name: str, patterns: np.ndarray, ids: list[str] | None) -> tuple[list[str], int]:
+    async def store(self, name: str, patterns: np.ndarray, ids: list[str] | None) -> tuple[list[str], int, int]:
         result = await self._call("store", name, {"ids": ids}, vectors=patterns)
-        return result["ids"], result["count"]
+        return result["ids"], result["count"], result["version"]
 
-    async def delete_pattern(self, name: str, pattern_id: str) -> None:
-        await self._call("delete_pattern", name, {"id": pattern_id})
+    async def delete_pattern(self, name: str, pattern_id: str) -> int:
+        return (await self._call("delete_pattern", name, {"id": pattern_id}))["version"]
 
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
-                         options: DynamicsOptions) -> MemoryResults:
-        arrays = memory_wire.request_arrays("run", name, asdict(options), vectors=queries, clamp=clamp)
+                         options: DynamicsOptions, min_version: int = 0) -> MemoryResults:
+        args = {**asdict(options), "min_version": min_version}
+        arrays = memory_wire.request_arrays("run", name, args, vectors=queries, clamp=clamp)
         answer = await self._infer(ASSOCIATIVE_MEMORY, arrays, memory_wire.RUN_OUTPUTS)
         return memory_wire.decode_results({name: answer.as_numpy(name)[0] for name in memory_wire.RUN_OUTPUTS})
 

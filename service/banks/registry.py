@@ -12,8 +12,11 @@ what only the bank knows (its dim, its kind's values) once, in `check_queries` a
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -21,15 +24,27 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from service.banks.store import BankRecord, SQLiteStore
+from service.banks.store import BankRecord, Change, Store
 from service.engines.memory import make_engine, normalize_params
 from service.engines.memory.base import MemoryEngine, Retrieval
-from service.errors import Conflict, InvalidArgument, NotFound
+from service.errors import InvalidArgument, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
 
 BANK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 # Stored names: "bank", or "tenant/bank" when API keys namespace banks per tenant.
 STORED_BANK_NAME = re.compile(rf"(?:{BANK_NAME.pattern}/)?{BANK_NAME.pattern}")
 PATTERN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+CHECKSUM_MODULUS = 2**64
+AT_VERSION_POLL_S = 0.02
+
+
+def pattern_digest(pattern_id: str, vector: np.ndarray) -> int:
+    """64 bits of BLAKE2b over a pattern's id and float32 bytes; a bank's checksum is their sum mod 2⁶⁴,
+    the same whatever order the patterns arrived or moved in."""
+    digest = hashlib.blake2b(pattern_id.encode(), digest_size=8)
+    digest.update(np.ascontiguousarray(vector, dtype=np.float32).tobytes())
+    return int.from_bytes(digest.digest(), "little")
 
 
 def check_bank_name(name: str) -> None:
@@ -44,6 +59,8 @@ class BankInfo(BaseModel):
     params: dict
     count: int
     bytes: int
+    version: int = 0  # committed writes this replica has applied
+    checksum: str = ""  # of the patterns at that version (hex); equal on every replica at the same version
 
 
 @dataclass(frozen=True)
@@ -87,20 +104,24 @@ class MemoryResults:
 
 
 class Bank:
-    """An engine plus the pattern ids in engine row order (kept in step with swap-removal)."""
+    """An engine plus the pattern ids in engine row order (kept in step with swap-removal), at the
+    bank's `version`, with a checksum of its contents that does not depend on row order."""
 
     def __init__(self, record: BankRecord, engine: MemoryEngine):
         self.record = record
         self.engine = engine
         self.ids: list[str] = []
         self.row_of: dict[str, int] = {}
+        self.version = 0
+        self.checksum = 0
         self.lock = threading.Lock()
 
     def append(self, ids: list[str], vectors: torch.Tensor) -> None:
         self.engine.add(vectors)
-        for pid in ids:
+        for pid, vector in zip(ids, vectors.numpy()):
             self.row_of[pid] = len(self.ids)
             self.ids.append(pid)
+            self.checksum = (self.checksum + pattern_digest(pid, vector)) % CHECKSUM_MODULUS
 
     def remove(self, pattern_id: str, vector: torch.Tensor) -> None:
         row = self.row_of.pop(pattern_id)
@@ -109,39 +130,139 @@ class Bank:
         if last != pattern_id:
             self.ids[row] = last
             self.row_of[last] = row
+        self.checksum = (self.checksum - pattern_digest(pattern_id, vector.numpy())) % CHECKSUM_MODULUS
+
+    def apply(self, change: Change) -> None:
+        """The next change of the log; the caller holds the lock."""
+        assert change.version == self.version + 1, f"change {change.version} applied at version {self.version}"
+        vectors = _tensor(change.vectors)
+        if change.op == "store":
+            self.append(change.ids, vectors)
+        else:
+            self.remove(change.ids[0], vectors[0])
+        self.version = change.version
 
     def info(self) -> BankInfo:
         r = self.record
         return BankInfo(name=r.name, kind=r.kind, dim=r.dim, params=r.params, count=self.engine.count,
-                        bytes=self.engine.nbytes())
+                        bytes=self.engine.nbytes(), version=self.version, checksum=f"{self.checksum:016x}")
 
 
 class BankRegistry:
-    def __init__(self, store: SQLiteStore, device: str | torch.device = "cpu"):
+    """The banks of a store, served from memory. Writes commit to the store first, then reach serving
+    state in version order. Over a shared store (`store.shared`) other processes write too: `sync`
+    (run by `follow`) brings every bank up to the store's version, and `at_version` one bank on
+    demand, for read-your-writes."""
+
+    def __init__(self, store: Store, device: str | torch.device = "cpu"):
         self.store = store
         self.device = torch.device(device)
         self._banks: dict[str, Bank] = {}
         self._lock = threading.Lock()
+        self.store_reachable = True  # as the last sync with a shared store found it
         for record in store.banks():
-            bank = Bank(record, make_engine(record.kind, record.dim, record.params, self.device))
-            for ids, matrix in store.patterns(record.name, record.dim):
-                bank.append(ids, torch.from_numpy(matrix.copy()))
-            self._banks[record.name] = bank
+            self._banks[record.name] = self._load(record)
 
-    def _bank(self, name: str) -> Bank:
+    def _load(self, record: BankRecord) -> Bank:
+        """A bank from a consistent snapshot of the store, then its changes since."""
+        bank = Bank(record, make_engine(record.kind, record.dim, record.params, self.device))
+        bank.version, chunks = self.store.snapshot(record)
+        for ids, matrix in chunks:
+            bank.append(ids, torch.from_numpy(matrix.copy()))
+        self._catch_up(bank)
+        return bank
+
+    def _catch_up(self, bank: Bank) -> None:
+        """Apply the store's changes after the bank's version; the caller holds its lock (or owns it)."""
+        for change in self.store.changes(bank.record, bank.version):
+            bank.apply(change)
+
+    def _bank(self, name: str, adopt: bool = False) -> Bank:
+        """The served bank; with `adopt` (callers off the event loop: it may ask the store), also one
+        that another process created in a shared store since the last sync."""
         bank = self._banks.get(name)
+        if bank is None and adopt and self.store.shared:
+            bank = self._adopt(name)
         if bank is None:
             raise NotFound(f"bank '{name}' does not exist", field="bank")
         return bank
+
+    def _adopt(self, name: str) -> Bank | None:
+        record = self.store.bank(name)
+        if record is None:
+            return None
+        with self._lock:
+            if name not in self._banks or self._banks[name].record.uid != record.uid:
+                self._banks[name] = self._load(record)
+            return self._banks[name]
+
+    def sync(self) -> None:
+        """Bring serving state to the store's: new and re-created banks loaded, deleted ones dropped,
+        the others caught up."""
+        records = {record.name: record for record in self.store.banks()}
+        with self._lock:
+            for name in [name for name, bank in self._banks.items()
+                         if name not in records or records[name].uid != bank.record.uid]:
+                del self._banks[name]
+            for name, record in records.items():
+                if name not in self._banks:
+                    self._banks[name] = self._load(record)
+        for name, record in records.items():
+            bank = self._banks.get(name)
+            if bank is not None and bank.version < record.version:
+                with bank.lock:
+                    self._catch_up(bank)
+
+    def follow(self, stop: threading.Event, poll: float = 1.0) -> None:
+        """Keep in step with a shared store until `stop` is set: wake on its notifications, and poll
+        every `poll` seconds in case one was lost. A store that cannot answer is tried again later."""
+        while not stop.is_set():
+            self.store.wait_for_changes(poll)
+            if stop.is_set():
+                return
+            try:
+                self.sync()
+            except Unavailable as exc:
+                if self.store_reachable:
+                    log.warning("bank replica cannot reach its store: %s", exc.message)
+                self.store_reachable = False
+                stop.wait(poll)
+            else:
+                self.store_reachable = True
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._banks
+
+    def version(self, name: str) -> int:
+        return self._bank(name).version
+
+    def at_version(self, name: str, min_version: int, timeout: float = 0.0) -> None:
+        """Return once serving state of the bank is at `min_version` or later, catching up from the
+        store while it is behind, for at most `timeout` seconds; then Unavailable (503) naming the lag.
+        A version the store has not committed is the request's error (422), not a lag."""
+        deadline = time.monotonic() + timeout
+        bank = self._bank(name, adopt=True)
+        while bank.version < min_version:
+            with bank.lock:
+                self._catch_up(bank)
+            if bank.version >= min_version:
+                return
+            committed = self.store.bank(name)
+            if committed is not None and committed.uid == bank.record.uid and committed.version < min_version:
+                raise InvalidArgument(f"min_version {min_version} is ahead of bank '{name}', whose last committed "
+                                      f"write is version {committed.version}", field="min_version")
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"bank '{name}' is at version {bank.version} here, {min_version - bank.version} "
+                                  f"behind the requested min_version {min_version}", retry_after=1.0)
+            time.sleep(AT_VERSION_POLL_S)
 
     def create(self, name: str, kind: str, dim: int, params: dict) -> BankInfo:
         if not STORED_BANK_NAME.fullmatch(name):
             raise InvalidArgument(f"bank name '{name}' must match {BANK_NAME.pattern}", field="bank")
         params = normalize_params(kind, dim, params or {})
-        record = BankRecord(name, kind, dim, params)
         with self._lock:
             engine = make_engine(kind, dim, params, self.device)
-            self.store.create_bank(record)
+            record = self.store.create_bank(BankRecord(name, kind, dim, params))
             self._banks[name] = bank = Bank(record, engine)
         return bank.info()
 
@@ -152,16 +273,17 @@ class BankRegistry:
         return self._bank(name).info()
 
     def delete(self, name: str) -> None:
+        self._bank(name, adopt=True)  # NotFound unless the store has it
         with self._lock:
             bank = self._bank(name)
             with bank.lock:
                 self.store.delete_bank(name)
-                del self._banks[name]
+                self._banks.pop(name, None)
 
-    def store_patterns(self, name: str, patterns: np.ndarray, ids: list[str] | None) -> tuple[list[str], int]:
+    def store_patterns(self, name: str, patterns: np.ndarray, ids: list[str] | None) -> tuple[list[str], int, int]:
         """Store K patterns; an id already stored with the same vector is a no-op (idempotent retry),
-        with a different vector a conflict. Returns (ids in request order, bank count)."""
-        bank = self._bank(name)
+        with a different vector a conflict. Returns (ids in request order, bank count, bank version)."""
+        bank = self._bank(name, adopt=True)
         vectors = self._vectors(bank, patterns, "patterns")
         if ids is None:
             ids = [uuid.uuid4().hex for _ in range(len(vectors))]
@@ -172,31 +294,29 @@ class BankRegistry:
                 raise InvalidArgument(f"ids[{i}] must match {PATTERN_ID.pattern}", field=f"ids[{i}]")
         if len(set(ids)) != len(ids):
             raise InvalidArgument("ids must be unique within a request", field="ids")
+        version, fresh = self.store.store_patterns(name, list(ids), vectors.numpy())
         with bank.lock:
-            if self._banks.get(name) is not bank:
-                raise NotFound(f"bank '{name}' does not exist", field="bank")
-            fresh = []
-            for i, pid in enumerate(ids):
-                row = bank.row_of.get(pid)
-                if row is None:
-                    fresh.append(i)
-                elif not torch.equal(self._stored_vector(bank, pid), vectors[i]):
-                    raise Conflict(f"id '{pid}' is already stored with a different pattern", field=f"ids[{i}]")
-            if fresh:
-                new_ids = [ids[i] for i in fresh]
-                new_vectors = vectors[fresh]
-                self.store.insert_patterns(name, new_ids, new_vectors.numpy())
-                bank.append(new_ids, new_vectors)
-            return list(ids), bank.engine.count
+            change = Change(version, "store", [ids[i] for i in fresh], vectors[fresh].numpy()) if fresh else None
+            self._reach(bank, version, change)
+            return list(ids), bank.engine.count, bank.version
 
-    def delete_pattern(self, name: str, pattern_id: str) -> None:
-        bank = self._bank(name)
+    def delete_pattern(self, name: str, pattern_id: str) -> int:
+        """Returns the bank's version after the deletion."""
+        bank = self._bank(name, adopt=True)
+        version, vector = self.store.delete_pattern(name, pattern_id)
         with bank.lock:
-            if pattern_id not in bank.row_of:
-                raise NotFound(f"pattern '{pattern_id}' is not in bank '{name}'", field="id")
-            vector = self._stored_vector(bank, pattern_id)
-            self.store.delete_pattern(name, pattern_id)
-            bank.remove(pattern_id, vector)
+            self._reach(bank, version, Change(version, "delete", [pattern_id], vector[None]))
+            return bank.version
+
+    def _reach(self, bank: Bank, version: int, change: Change | None) -> None:
+        """After this process committed `change` at `version`: apply it directly when it is the next
+        one, else catch up from the log (another writer committed in between). Holds the bank lock."""
+        if bank.version >= version:
+            return
+        if change is not None and change.version == bank.version + 1:
+            bank.apply(change)
+        else:
+            self._catch_up(bank)
 
     def check_queries(self, name: str, queries: np.ndarray, clamp: np.ndarray | None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -243,9 +363,6 @@ class BankRegistry:
         if binary_values:
             bank.engine.check_values(tensor, field_name)
         return tensor
-
-    def _stored_vector(self, bank: Bank, pattern_id: str) -> torch.Tensor:
-        return self.store.pattern(bank.record.name, pattern_id, bank.record.dim)
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:

@@ -6,14 +6,14 @@ requests). Inputs (names and types in service/triton/spec.py):
     OP       BYTES [1]        create | list | info | delete | store | delete_pattern | run
     BANK     BYTES [1]        bank name ("" for list)
     ARGS     BYTES [1]        JSON object: create {kind, dim, params}, store {ids}, delete_pattern {id},
-                              run {steps, step_size, tolerance, trace}
+                              run {steps, step_size, tolerance, trace, min_version}
     VECTORS  FP32  [N, D]     store: patterns; run: queries (optional, ragged)
     CLAMP    BOOL  [N, D]     run: True = known entry, clamped; absent for a plain retrieve (optional, ragged)
 
 A run answers the columns of `MemoryResults`, one row per query: STATES FP32 [N, D], ENERGY FP32 [N],
 STEPS INT64 [N], CONVERGED BOOL [N], NEAREST BYTES [N] (the id, "" when the kind keeps no patterns),
 SIMILARITY FP32 [N] and TRACE FP32 [N, S+1] (NaN-padded; [N, 0] without trace). Every other op answers
-RESULT BYTES [1], JSON: bank info, a list of them, {ids, count} or {}.
+RESULT BYTES [1], JSON: bank info, a list of them, {ids, count, version}, {version} or {}.
 A failed request carries a JSON error {code, field, message} with the service error's code, which
 `error_from_message` turns back into the same exception class on the client side (service/triton/wire.py).
 
@@ -113,7 +113,12 @@ class AssociativeMemory:
                     raise InvalidArgument("ARGS must be a JSON object")
                 vectors = NO_VECTORS if inputs["VECTORS"] is None else inputs["VECTORS"]
                 if op == "run":
+                    min_version = args.pop("min_version", 0)
+                    if isinstance(min_version, bool) or not isinstance(min_version, int) or min_version < 0:
+                        raise InvalidArgument("min_version must be an integer >= 0", field="min_version")
                     options = _options(args)
+                    if min_version:  # catch up from the store now; a replica still behind answers 503
+                        self.registry.at_version(bank, min_version)
                     part = self.registry.check_queries(bank, vectors, inputs["CLAMP"])
                     key = (bank, options.steps, options.step_size, options.tolerance, options.trace)
                     groups.setdefault(key, []).append((index, part))
@@ -148,11 +153,10 @@ class AssociativeMemory:
             registry.delete(bank)
             result = {}
         elif op == "store":
-            ids, count = registry.store_patterns(bank, vectors, args.get("ids"))
-            result = {"ids": ids, "count": count}
+            ids, count, version = registry.store_patterns(bank, vectors, args.get("ids"))
+            result = {"ids": ids, "count": count, "version": version}
         elif op == "delete_pattern":
-            registry.delete_pattern(bank, args.get("id"))
-            result = {}
+            result = {"version": registry.delete_pattern(bank, args.get("id"))}
         else:
             raise InvalidArgument(f"unknown op {op!r}; expected one of {', '.join(OPS)}", field="op")
         return {"RESULT": json_tensor(result)}

@@ -39,11 +39,13 @@ def test_bank_lifecycle_and_retrieve(stub, bank_name):
     expect_error(lambda: stub.CreateBank(pb.CreateBankRequest(bank=bank_name, kind="modern", dim=4)),
                  grpc.StatusCode.ALREADY_EXISTS)
     stored = stub.Store(pb.StoreRequest(bank=bank_name, patterns=vectors([[1, 0, 0, 0], [0, 1, 0, 0]]), ids=["a", "b"]))
-    assert list(stored.ids) == ["a", "b"] and stored.count == 2
+    assert list(stored.ids) == ["a", "b"] and stored.count == 2 and stored.version == 1
     assert bank_name in [b.name for b in stub.ListBanks(pb.ListBanksRequest()).banks]
-    assert stub.GetBank(pb.GetBankRequest(bank=bank_name)).count == 2
+    info = stub.GetBank(pb.GetBankRequest(bank=bank_name))
+    assert (info.count, info.version, len(info.checksum)) == (2, 1, 16)
 
-    response = stub.Retrieve(pb.RetrieveRequest(bank=bank_name, queries=vectors([[0.9, 0.2, 0, 0]]), trace=True, steps=5))
+    response = stub.Retrieve(pb.RetrieveRequest(bank=bank_name, queries=vectors([[0.9, 0.2, 0, 0]]), trace=True, steps=5,
+                                                min_version=stored.version))
     result = response.results[0]
     assert result.nearest.id == "a" and result.converged
     assert result.state[0] > 0.99 and len(result.trace) == result.steps + 1
@@ -52,7 +54,10 @@ def test_bank_lifecycle_and_retrieve(stub, bank_name):
                                                  mask=[pb.Mask(values=[True, False, False, False])]))
     assert completed.results[0].state[0] == pytest.approx(0.5)
 
-    stub.DeletePattern(pb.DeletePatternRequest(bank=bank_name, id="a"))
+    assert stub.DeletePattern(pb.DeletePatternRequest(bank=bank_name, id="a")).version == 2
+    expect_error(lambda: stub.Retrieve(pb.RetrieveRequest(bank=bank_name, queries=vectors([[1, 0, 0, 0]]),
+                                                          min_version=9)), grpc.StatusCode.INVALID_ARGUMENT,
+                 "min_version")
     expect_error(lambda: stub.DeletePattern(pb.DeletePatternRequest(bank=bank_name, id="a")), grpc.StatusCode.NOT_FOUND, "id")
     stub.DeleteBank(pb.DeleteBankRequest(bank=bank_name))
     expect_error(lambda: stub.GetBank(pb.GetBankRequest(bank=bank_name)), grpc.StatusCode.NOT_FOUND, "bank")

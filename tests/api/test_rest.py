@@ -23,7 +23,8 @@ def error(r, status: int, field: str | None = None) -> dict:
 
 def test_bank_lifecycle(client, bank_name):
     info = create(client, bank_name, "modern", 8, beta=4.0)
-    assert info == {"name": bank_name, "kind": "modern", "dim": 8, "params": {"beta": 4.0}, "count": 0, "bytes": 0}
+    assert info == {"name": bank_name, "kind": "modern", "dim": 8, "params": {"beta": 4.0}, "count": 0, "bytes": 0,
+                    "version": 0, "checksum": "0" * 16}
     error(client.put(f"/v1/banks/{bank_name}", json={"kind": "modern", "dim": 8}), 409, "bank")
     assert bank_name in [b["name"] for b in client.get("/v1/banks").json()["banks"]]
     assert client.get(f"/v1/banks/{bank_name}").json()["kind"] == "modern"
@@ -37,14 +38,32 @@ def test_store_is_idempotent_per_id_and_counts_bytes(client, bank_name):
     create(client, bank_name, "modern", 4)
     patterns = [[1, 0, 0, 0], [0, 1, 0, 0]]
     r = client.post(f"/v1/banks/{bank_name}/store", json={"patterns": patterns, "ids": ["a", "b"]})
-    assert r.json() == {"ids": ["a", "b"], "count": 2}
+    assert r.json() == {"ids": ["a", "b"], "count": 2, "version": 1}
     again = client.post(f"/v1/banks/{bank_name}/store", json={"patterns": patterns, "ids": ["a", "b"]})
-    assert again.json() == {"ids": ["a", "b"], "count": 2}
+    assert again.json() == {"ids": ["a", "b"], "count": 2, "version": 1}  # a retry commits nothing new
     error(client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[0, 0, 1, 0]], "ids": ["a"]}), 409, "ids[0]")
     generated = client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[0, 0, 1, 0]]}).json()
-    assert generated["count"] == 3 and len(generated["ids"][0]) == 32
+    assert generated["count"] == 3 and len(generated["ids"][0]) == 32 and generated["version"] == 2
     info = client.get(f"/v1/banks/{bank_name}").json()
-    assert info["count"] == 3 and info["bytes"] >= 3 * 4 * 4
+    assert info["count"] == 3 and info["bytes"] >= 3 * 4 * 4 and info["version"] == 2
+
+
+def test_versions_advance_once_per_write_and_reads_wait_for_them(client, bank_name):
+    create(client, bank_name, "modern", 4)
+    stored = client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0, 0, 0], [0, 1, 0, 0]],
+                                                               "ids": ["a", "b"]}).json()
+    checksum = client.get(f"/v1/banks/{bank_name}").json()["checksum"]
+    deleted = client.delete(f"/v1/banks/{bank_name}/patterns/a")
+    assert deleted.status_code == 204 and deleted.headers["Amserve-Bank-Version"] == str(stored["version"] + 1)
+    assert client.get(f"/v1/banks/{bank_name}").json()["checksum"] != checksum
+    client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0, 0, 0]], "ids": ["a"]})
+    info = client.get(f"/v1/banks/{bank_name}").json()
+    assert info["version"] == stored["version"] + 2 and info["checksum"] == checksum  # same patterns again
+    at = {"queries": [[1, 0, 0, 0]], "min_version": info["version"]}
+    assert client.post(f"/v1/banks/{bank_name}/retrieve", json=at).status_code == 200
+    ahead = client.post(f"/v1/banks/{bank_name}/retrieve", json={**at, "min_version": info["version"] + 5})
+    assert "ahead" in error(ahead, 422, "min_version")["message"]  # no write has that version
+    error(client.post(f"/v1/banks/{bank_name}/retrieve", json={**at, "min_version": -1}), 422, "min_version")
 
 
 def test_retrieve_modern_matches_the_update_rule(client, bank_name):

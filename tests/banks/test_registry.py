@@ -59,8 +59,8 @@ def test_nearest_ids_follow_swap_removal(tmp_path):
 def test_store_idempotency_and_conflicts(tmp_path):
     registry = registry_at(tmp_path)
     registry.create("b", "modern", 2, {})
-    assert registry.store_patterns("b", np.array([[1, 0]], np.float32), ["a"]) == (["a"], 1)
-    assert registry.store_patterns("b", np.array([[1, 0]], np.float32), ["a"]) == (["a"], 1)
+    assert registry.store_patterns("b", np.array([[1, 0]], np.float32), ["a"]) == (["a"], 1, 1)
+    assert registry.store_patterns("b", np.array([[1, 0]], np.float32), ["a"]) == (["a"], 1, 1)  # no new version
     with pytest.raises(Conflict) as info:
         registry.store_patterns("b", np.array([[0, 1]], np.float32), ["a"])
     assert info.value.field == "ids[0]"

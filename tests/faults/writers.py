@@ -14,13 +14,15 @@ MAX_BATCHES = 100_000  # per client: a bound should stop() never come
 class Writers:
     """`clients` threads, each storing batches of `batch` random `dim`-vectors into `bank` at `url`.
 
-    `acknowledged` holds every (ids, vectors) answered 200, `statuses` the status of every answer;
-    a request that got no answer (the server is gone) is in neither."""
+    `acknowledged` holds every (ids, vectors) answered 200, `statuses` the status of every answer and
+    `retry_after` the Retry-After header of every refusal (None where it had none); a request that got
+    no answer (the server is gone) is in none of them."""
 
     def __init__(self, url: str, bank: str, dim: int, *, clients: int, batch: int = 1, timeout: float = 15.0):
         self.url, self.bank, self.dim, self.batch, self.timeout = url, bank, dim, batch, timeout
         self.acknowledged: list[tuple[list[str], list[list[float]]]] = []
         self.statuses: list[int] = []
+        self.retry_after: list[str | None] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._write, args=(client,)) for client in range(clients)]
 
@@ -55,6 +57,7 @@ class Writers:
                 if answer.status_code == 200:
                     self.acknowledged.append((ids, vectors))
                 else:
+                    self.retry_after.append(answer.headers.get("Retry-After"))
                     time.sleep(0.05)  # refused: do not spin on a server that is recovering
 
     def __enter__(self) -> Writers:

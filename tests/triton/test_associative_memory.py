@@ -123,7 +123,7 @@ def test_requests_see_the_effects_of_earlier_ones_in_the_batch(registry, pattern
         request("info", "c"),
     ])
     assert json.loads(answers[0]["RESULT"][0])["name"] == "c"
-    assert json.loads(answers[1]["RESULT"][0]) == {"ids": ["x"], "count": 1}
+    assert json.loads(answers[1]["RESULT"][0]) == {"ids": ["x"], "count": 1, "version": 1}
     assert results(answers[2]).nearest == ["x"]
     assert json.loads(answers[3]["RESULT"][0]) == {}
     assert isinstance(answers[4], NotFound) and isinstance(answers[5], NotFound)

@@ -1,0 +1,249 @@
+"""PostgreSQL as the shared durable store (`--store postgresql://…`), through psycopg 3 and its pool.
+
+psycopg rather than asyncpg: the registry's writes already run on worker threads (the embedded
+backend's write thread, Triton's model instances), so a synchronous driver fits without a second
+event loop, and psycopg_pool gives a connection pool with health checks and reconnection.
+
+A write commits with synchronous_commit on before it is acknowledged. Its version comes from
+`UPDATE banks SET version = version + 1 … RETURNING version` inside the writing transaction: the
+row lock orders the bank's writers, so versions follow commit order (a sequence's would not).
+The same transaction inserts the change-log row and a NOTIFY, delivered at commit, which wakes the
+replicas; they catch up by version, so a lost notification costs at most one poll interval.
+
+Schema migrations are numbered and applied at start under an advisory lock, so replicas starting
+together do not race.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from service.banks.store import BankRecord, Change, check_new_patterns, vector_bytes, vectors_from
+from service.errors import AlreadyExists, InvalidArgument, NotFound, ServiceError, Unavailable
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "amserve_changes"
+MIGRATION_LOCK = 0x616D7365  # pg_advisory_xact_lock key: "amse"
+MIGRATIONS = (
+    """
+    CREATE TABLE banks (
+        name TEXT PRIMARY KEY,
+        uid TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        dim INTEGER NOT NULL,
+        params JSONB NOT NULL,
+        version BIGINT NOT NULL DEFAULT 0,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE TABLE patterns (
+        seq BIGSERIAL PRIMARY KEY,
+        bank TEXT NOT NULL REFERENCES banks(name) ON DELETE CASCADE,
+        id TEXT NOT NULL,
+        vector BYTEA NOT NULL,
+        UNIQUE (bank, id)
+    );
+    CREATE TABLE changes (
+        bank TEXT NOT NULL REFERENCES banks(name) ON DELETE CASCADE,
+        version BIGINT NOT NULL,
+        op TEXT NOT NULL,
+        ids JSONB NOT NULL,
+        vectors BYTEA NOT NULL,
+        PRIMARY KEY (bank, version)
+    );
+    """,
+)
+# How long a call waits for a pooled connection before answering 503: PostgreSQL away must be a
+# quick, clear refusal, never a hang.
+CONNECT_TIMEOUT_S = 2.0
+
+
+def checked_dsn(dsn: str) -> str:
+    """The DSN if libpq can parse it; InvalidArgument naming the setting otherwise."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise InvalidArgument(f"store: not a valid PostgreSQL DSN ({exc})", field="store") from None
+    ports = str(parts.get("port", "5432")).split(",")
+    if not all(port.isdigit() and 0 < int(port) < 65536 for port in ports):  # libpq parses it only on connect
+        raise InvalidArgument(f"store: not a valid PostgreSQL DSN (port {parts['port']!r})", field="store")
+    return dsn
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    conn.execute("SET synchronous_commit = on")
+    conn.commit()
+
+
+class PostgresStore:
+    shared = True
+
+    def __init__(self, dsn: str, *, max_connections: int = 4):
+        self.dsn = checked_dsn(dsn)
+        connect = {"connect_timeout": max(1, round(CONNECT_TIMEOUT_S))}
+        self.pool = ConnectionPool(self.dsn, min_size=1, max_size=max_connections, kwargs=connect,
+                                   configure=_configure, timeout=CONNECT_TIMEOUT_S, open=False,
+                                   name="amserve-store")
+        self._listener: psycopg.Connection | None = None
+        self._listener_lock = threading.Lock()
+        try:
+            self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 5)
+            self._migrate()
+        except (psycopg.Error, PoolTimeout) as exc:
+            self.pool.close()
+            raise Unavailable(f"cannot reach the PostgreSQL store: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection]:
+        """One transaction on a pooled connection; PostgreSQL unreachable is 503 with Retry-After."""
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                yield conn
+        except ServiceError:
+            raise
+        except psycopg.errors.UniqueViolation:
+            raise
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise Unavailable(f"the PostgreSQL store is unavailable: {exc}", retry_after=1.0) from exc
+
+    def _migrate(self) -> None:
+        with self._transaction() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                         "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            (applied,) = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+            for number, script in enumerate(MIGRATIONS[applied:], start=applied + 1):
+                conn.execute(script)
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (number,))
+                log.warning("PostgreSQL store: applied schema migration %d", number)
+
+    def close(self) -> None:
+        with self._listener_lock:
+            if self._listener is not None:
+                self._listener.close()
+        self.pool.close()
+
+    # ----- reads ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _record(row) -> BankRecord:
+        name, kind, dim, params, uid, version = row
+        return BankRecord(name, kind, dim, params, uid, version)
+
+    def banks(self) -> list[BankRecord]:
+        with self._transaction() as conn:
+            rows = conn.execute("SELECT name, kind, dim, params, uid, version FROM banks ORDER BY name").fetchall()
+        return [self._record(row) for row in rows]
+
+    def bank(self, name: str) -> BankRecord | None:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT name, kind, dim, params, uid, version FROM banks WHERE name = %s",
+                               (name,)).fetchone()
+        return None if row is None else self._record(row)
+
+    def snapshot(self, record: BankRecord, chunk: int = 65536) -> tuple[int, Iterator[tuple[list[str], np.ndarray]]]:
+        """The patterns read in chunks inside one REPEATABLE READ transaction, so they are exactly
+        the bank at the version read first. The generator holds its connection until exhausted."""
+        stack = contextlib.ExitStack()
+        conn = stack.enter_context(self._transaction())
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        row = conn.execute("SELECT version FROM banks WHERE name = %s AND uid = %s", (record.name, record.uid)).fetchone()
+        if row is None:
+            stack.close()
+            raise NotFound(f"bank '{record.name}' does not exist", field="bank")
+
+        def chunks() -> Iterator[tuple[list[str], np.ndarray]]:
+            with stack:
+                cursor = conn.cursor(name="snapshot")
+                cursor.execute("SELECT id, vector FROM patterns WHERE bank = %s ORDER BY seq", (record.name,))
+                while part := cursor.fetchmany(chunk):
+                    yield [pid for pid, _ in part], vectors_from(b"".join(bytes(v) for _, v in part), record.dim)
+        return row[0], chunks()
+
+    def changes(self, record: BankRecord, after: int) -> list[Change]:
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT c.version, c.op, c.ids, c.vectors FROM changes c JOIN banks b ON b.name = c.bank "
+                "WHERE c.bank = %s AND b.uid = %s AND c.version > %s ORDER BY c.version",
+                (record.name, record.uid, after)).fetchall()
+        return [Change(version, op, ids, vectors_from(bytes(blob), record.dim)) for version, op, ids, blob in rows]
+
+    # ----- writes -----------------------------------------------------------------------------
+
+    def create_bank(self, record: BankRecord) -> BankRecord:
+        created = BankRecord(record.name, record.kind, record.dim, record.params, uuid.uuid4().hex, 0)
+        try:
+            with self._transaction() as conn:
+                conn.execute("INSERT INTO banks (name, kind, dim, params, uid) VALUES (%s, %s, %s, %s, %s)",
+                             (created.name, created.kind, created.dim, json.dumps(created.params), created.uid))
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, created.name))
+        except psycopg.errors.UniqueViolation as exc:
+            raise AlreadyExists(f"bank '{record.name}' already exists", field="bank") from exc
+        return created
+
+    def delete_bank(self, name: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM banks WHERE name = %s", (name,))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
+
+    def _advance(self, conn: psycopg.Connection, bank: str, op: str, ids: list[str], vectors: np.ndarray) -> int:
+        (version,) = conn.execute("UPDATE banks SET version = version + 1 WHERE name = %s RETURNING version",
+                                  (bank,)).fetchone()
+        conn.execute("INSERT INTO changes (bank, version, op, ids, vectors) VALUES (%s, %s, %s, %s, %s)",
+                     (bank, version, op, json.dumps(ids), vector_bytes(vectors)))
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, bank))
+        return version
+
+    def store_patterns(self, bank: str, ids: list[str], vectors: np.ndarray) -> tuple[int, list[int]]:
+        with self._transaction() as conn:
+            # The bank's row lock orders its writers: the ids checked below cannot change under us.
+            row = conn.execute("SELECT version FROM banks WHERE name = %s FOR UPDATE", (bank,)).fetchone()
+            if row is None:
+                raise NotFound(f"bank '{bank}' does not exist", field="bank")
+            stored = {pid: bytes(vector) for pid, vector in conn.execute(
+                "SELECT id, vector FROM patterns WHERE bank = %s AND id = ANY(%s)", (bank, ids))}
+            fresh = check_new_patterns(ids, vectors, stored)
+            if not fresh:
+                return row[0], []
+            new_ids, new_vectors = [ids[i] for i in fresh], vectors[fresh]
+            with conn.cursor() as cursor:
+                cursor.executemany("INSERT INTO patterns (bank, id, vector) VALUES (%s, %s, %s)",
+                                   [(bank, pid, vector_bytes(v)) for pid, v in zip(new_ids, new_vectors)])
+            return self._advance(conn, bank, "store", new_ids, new_vectors), fresh
+
+    def delete_pattern(self, bank: str, pattern_id: str) -> tuple[int, np.ndarray]:
+        with self._transaction() as conn:
+            conn.execute("SELECT 1 FROM banks WHERE name = %s FOR UPDATE", (bank,))
+            row = conn.execute("DELETE FROM patterns p USING banks b WHERE b.name = p.bank AND p.bank = %s "
+                               "AND p.id = %s RETURNING p.vector, b.dim", (bank, pattern_id)).fetchone()
+            if row is None:
+                raise NotFound(f"pattern '{pattern_id}' is not in bank '{bank}'", field="id")
+            vector = vectors_from(bytes(row[0]), row[1])
+            return self._advance(conn, bank, "delete", [pattern_id], vector), vector[0]
+
+    # ----- following --------------------------------------------------------------------------
+
+    def wait_for_changes(self, timeout: float) -> None:
+        """Block until a NOTIFY on the channel (any bank's commit) or `timeout`; a broken listening
+        connection is reopened on the next call, the time until then spent waiting."""
+        with self._listener_lock:
+            try:
+                if self._listener is None or self._listener.closed:
+                    self._listener = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, round(timeout)))
+                    self._listener.execute(f"LISTEN {CHANNEL}")
+                for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                    pass
+            except psycopg.Error:
+                if self._listener is not None:
+                    self._listener.close()
+                threading.Event().wait(timeout)
