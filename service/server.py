@@ -14,6 +14,7 @@ from service.api.grpc_server import SERVICE_NAME, create_server
 from service.api.operations import Limits, Operations
 from service.api.rest import create_app
 from service.backends.base import Backend
+from service.banks.store import open_store
 from service.config import Settings
 
 log = logging.getLogger("amserve")
@@ -35,13 +36,15 @@ def build_backend(settings: Settings) -> Backend:
         from service.backends.triton import TritonBackend
         from service.triton.launcher import TritonServer
 
-        if settings.triton_url:  # e.g. a Triton StatefulSet in Kubernetes
-            return TritonBackend(settings.triton_url)
+        # With a shared store the gateway commits writes itself, and may read from several replicas.
+        store = open_store(settings.store) if settings.store else None
+        if settings.triton_url:  # e.g. the replicas of a Triton StatefulSet in Kubernetes, comma-separated
+            return TritonBackend(settings.triton_url, store=store)
         # Otherwise run the bundled Triton as a child on free ports, serving this data dir.
         # The associative_memory model opens the same store (AMSERVE_STORE) and follows it as a replica.
-        store = {"AMSERVE_STORE": settings.store} if settings.store else {}
+        env = {"AMSERVE_STORE": settings.store} if settings.store else {}
         return TritonBackend(server=TritonServer(settings.model_repository, http_port=0, grpc_port=0,
-                                                 metrics_port=0, data_dir=settings.data_dir, env=store))
+                                                 metrics_port=0, data_dir=settings.data_dir, env=env), store=store)
     raise SystemExit(f"unknown backend {settings.backend!r} (expected 'embedded' or 'triton')")
 
 

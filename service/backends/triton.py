@@ -8,14 +8,21 @@ decoupled `llm` model on a gRPC stream of its own (ModelStreamInfer; service/tri
 response per event; closing the event stream early cancels the gRPC stream, which the model notices
 and cancels the sequence in its scheduler. The models' errors come back as the same service error
 classes the embedded backend raises, so the API answers identically over either backend.
+
+Several Triton replicas (`--triton-url a:8001,b:8001`) share a PostgreSQL store and follow its change
+log. Then this gateway commits bank writes to the store itself (service/banks/writer.py), so writes
+depend on PostgreSQL alone; reads go to the replicas in turn, and one that is down, behind the version
+asked for, or full is skipped for the next, so a client sees an error only when every replica failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -27,8 +34,10 @@ from tritonclient.utils import InferenceServerException
 from service import metrics
 from service.backends.base import image_card, memory_card, text_card
 from service.banks.registry import BankInfo, DynamicsOptions, MemoryResults
+from service.banks.store import Store
+from service.banks.writer import BankWriter
 from service.engines.lm.weights import DEFAULT_MODEL_NAME
-from service.errors import Overloaded, ServiceError, TooManyRequests, Unavailable
+from service.errors import InvalidArgument, Overloaded, ServiceError, TooManyRequests, Unavailable
 from service.triton import associative_memory as memory_wire
 from service.triton import energy_transformer as et_wire
 from service.triton import llm as llm_wire
@@ -40,6 +49,8 @@ if TYPE_CHECKING:
     from service.engines.lm.sampling import SamplingParams
 
 QUEUE_FULL = "Exceeds maximum queue size"
+# How long a replica that failed a call goes to the back of the line.
+SUSPECT_S = 2.0
 # Statuses meaning "Triton (or the model) cannot answer now" rather than "this request is wrong".
 UNAVAILABLE_STATUSES = {str(code) for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                                                grpc.StatusCode.CANCELLED, grpc.StatusCode.NOT_FOUND)}
@@ -74,20 +85,42 @@ def generation_error(error: ServiceError) -> ServiceError:
     return error
 
 
+@dataclass(eq=False)
+class Replica:
+    """One Triton endpoint; `failed_at` is when a call to it last failed for being unavailable."""
+
+    url: str
+    client: triton_aio.InferenceServerClient
+    failed_at: float = -math.inf
+
+    def suspect(self) -> bool:
+        return time.monotonic() - self.failed_at < SUSPECT_S
+
+
 class TritonBackend:
     name = "triton"
 
-    def __init__(self, url: str | None = None, *, server: TritonServer | None = None,
+    def __init__(self, url: str | None = None, *, server: TritonServer | None = None, store: Store | None = None,
                  ready_timeout: float = 1.0, request_timeout: float | None = None):
-        """Talks to the Triton at gRPC `url` (host:port). Without a url, start() launches `server`
-        (by default TritonServer("model_repository") on its default ports) and close() stops it."""
+        """Talks to the Triton at gRPC `url` (host:port), or to several replicas (comma-separated) that
+        follow one shared `store`. Without a url, start() launches `server` (by default
+        TritonServer("model_repository") on its default ports) and close() stops it.
+
+        With a shared store (PostgreSQL) this gateway commits bank writes itself, and reads go to the
+        replicas in turn, each asking for the version of this gateway's last write of the bank."""
         if url is None and server is None:
             server = TritonServer("model_repository")
         self.server = server if url is None else None
-        self.url = url if url is not None else server.url
+        self.urls = [part.strip() for part in url.split(",") if part.strip()] if url is not None else [server.url]
+        shared = store is not None and store.shared
+        if len(self.urls) > 1 and not shared:
+            raise InvalidArgument("several Triton replicas need a shared store (--store postgresql://…)",
+                                  field="triton_url")
+        self.writer = BankWriter(store) if shared else None
         self.ready_timeout = ready_timeout
         self.request_timeout = request_timeout
-        self._client: triton_aio.InferenceServerClient | None = None
+        self._replicas: list[Replica] = []
+        self._turn = 0
         self._parameters: dict[str, dict[str, str]] = {}  # per model, read once
         # Generations this gateway has in Triton: waiting for their first token, then running.
         self._generations = {"waiting": 0, "running": 0}
@@ -96,55 +129,80 @@ class TritonBackend:
         if self.server is not None:
             self.server.launch()  # on the loop's thread: Triton's parent-death signal follows that thread
             await asyncio.to_thread(self.server.wait_ready)
-        # The channel connects lazily and reconnects by itself, so Triton may come and go.
-        self._client = triton_aio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
+        # Channels connect lazily and reconnect by themselves, so replicas may come and go.
+        self._replicas = [Replica(url, triton_aio.InferenceServerClient(url, channel_args=CHANNEL_ARGS))
+                          for url in self.urls]
         # The scheduler lives in Triton; the gateway's gauges count the generations it streams from there.
         metrics.RUNNING_SEQUENCES.labels("llm").set_function(lambda: self._generations["running"])
         metrics.WAITING_SEQUENCES.labels("llm").set_function(lambda: self._generations["waiting"])
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        for replica in self._replicas:
+            await replica.client.close()
+        self._replicas = []
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.store.close)
         if self.server is not None:
             await asyncio.to_thread(self.server.stop)
 
+    def _in_turn(self) -> list[Replica]:
+        """Every replica, starting one further each call (load spreads), those that failed lately last."""
+        if not self._replicas:
+            raise Unavailable("the Triton backend is not started")
+        self._turn = (self._turn + 1) % len(self._replicas)
+        ordered = self._replicas[self._turn:] + self._replicas[:self._turn]
+        return sorted(ordered, key=Replica.suspect)
+
     async def ready(self) -> bool:
-        """Triton's server and model readiness, within `ready_timeout`; False when Triton is away."""
-        return await self._model_ready(ASSOCIATIVE_MEMORY.name, server=True)
+        """True when a replica's server and associative_memory model are ready (within `ready_timeout`)."""
+        return any(await asyncio.gather(*(self._model_ready(r, ASSOCIATIVE_MEMORY.name, server=True)
+                                          for r in self._replicas)))
 
     async def degraded(self) -> list[str]:
-        return []  # the store is Triton's own: a failing one shows in its writes' answers
+        """Replicas that are not ready while others serve; the store's health shows in write answers."""
+        ready = await asyncio.gather(*(self._model_ready(r, ASSOCIATIVE_MEMORY.name, server=True)
+                                       for r in self._replicas))
+        return [] if all(ready) or len(ready) == 1 else [f"triton {r.url}" for r, up in zip(self._replicas, ready)
+                                                          if not up]
 
-    async def _model_ready(self, model: str, server: bool = False) -> bool:
-        if self._client is None:
-            return False
+    async def _model_ready(self, replica: Replica, model: str, server: bool = False) -> bool:
+        client = replica.client
         try:
             async with asyncio.timeout(self.ready_timeout):
-                return ((not server or await self._client.is_server_ready(client_timeout=self.ready_timeout))
-                        and await self._client.is_model_ready(model, client_timeout=self.ready_timeout))
+                return ((not server or await client.is_server_ready(client_timeout=self.ready_timeout))
+                        and await client.is_model_ready(model, client_timeout=self.ready_timeout))
         except (InferenceServerException, TimeoutError):
             return False
 
+    async def _serving(self) -> Replica | None:
+        """The first ready replica, in turn; None when none is."""
+        for replica in self._in_turn():
+            if await self._model_ready(replica, ASSOCIATIVE_MEMORY.name, server=True):
+                return replica
+        return None
+
     async def models(self) -> list[dict]:
-        memory, image, text = await asyncio.gather(
-            self.ready(), self._model_ready(ENERGY_TRANSFORMER.name), self._model_ready(LLM.name))
-        image_parameters = await self._model_parameters(ENERGY_TRANSFORMER.name) if image else None
+        replica = await self._serving()
+        if replica is None:
+            return [memory_card(False), image_card(False, None)]
+        image, text = await asyncio.gather(self._model_ready(replica, ENERGY_TRANSFORMER.name),
+                                           self._model_ready(replica, LLM.name))
+        image_parameters = await self._model_parameters(replica, ENERGY_TRANSFORMER.name) if image else None
         # Exported without its weights, the model loads and answers 503: it publishes no image_size.
         image_size = (image_parameters or {}).get("image_size")
-        cards = [memory_card(memory), image_card(image_size is not None, image_size and int(image_size))]
-        parameters = await self._model_parameters(LLM.name) if text else None
+        cards = [memory_card(True), image_card(image_size is not None, image_size and int(image_size))]
+        parameters = await self._model_parameters(replica, LLM.name) if text else None
         if parameters is not None:
             cards.append(text_card(parameters.get("served_model_name") or DEFAULT_MODEL_NAME,
                                    int(parameters["max_context"]), int(parameters["max_running_sequences"])))
         return cards
 
-    async def _model_parameters(self, model: str) -> dict[str, str] | None:
-        """A model's config parameters (written by `amserve export`), read once; None if Triton cannot
-        say now."""
+    async def _model_parameters(self, replica: Replica, model: str) -> dict[str, str] | None:
+        """A model's config parameters (written by `amserve export`, the same on every replica), read
+        once; None if the replica cannot say now."""
         if model not in self._parameters:
             try:
-                config = await self._client.get_model_config(model, as_json=True, client_timeout=self.ready_timeout)
+                config = await replica.client.get_model_config(model, as_json=True, client_timeout=self.ready_timeout)
                 self._parameters[model] = {key: value.get("string_value", "")
                                            for key, value in config["config"].get("parameters", {}).items()}
             except (InferenceServerException, KeyError):
@@ -154,7 +212,7 @@ class TritonBackend:
     async def complete_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
                              ) -> tuple[np.ndarray, np.ndarray]:
         answer = await self._infer(ENERGY_TRANSFORMER, et_wire.request_arrays(image, missing, steps),
-                                   ("IMAGE", "ENERGY_TRACE"))
+                                   ("IMAGE", "ENERGY_TRACE"), failover=True)
         return answer.as_numpy("IMAGE")[0], answer.as_numpy("ENERGY_TRACE")[0]
 
     async def generate(self, prompt: str, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
@@ -164,11 +222,9 @@ class TritonBackend:
         it is raised by the first `anext`, before any token; the API layer takes that first event
         before it answers. The stream opens at that first `anext`: an event stream never iterated
         sends nothing and holds nothing."""
-        if self._client is None:
-            raise Unavailable("the Triton backend is not started")
         request = {"model_name": LLM.name, "outputs": [InferRequestedOutput("TOKEN")],
                    "inputs": _inputs(LLM, llm_wire.request_arrays(prompt, params, deadline))}
-        return self._events(self._client, request)
+        return self._events(self._in_turn()[0].client, request)
 
     async def _events(self, client: triton_aio.InferenceServerClient, request: dict) -> AsyncIterator[dict]:
         answered = asyncio.Event()  # ends the request stream (a half-close) once the answers are over
@@ -208,8 +264,12 @@ class TritonBackend:
                 responses.cancel()
 
     # ----- operations ---------------------------------------------------------------------------
+    # Writes go to the shared store through this gateway's writer when there is one (the replicas
+    # follow), else to the one Triton, which commits them to its own store. Reads go to the replicas.
 
     async def create_bank(self, name: str, kind: str, dim: int, params: dict) -> BankInfo:
+        if self.writer is not None:
+            return await asyncio.to_thread(self.writer.create, name, kind, dim, params)
         return memory_wire.bank_info(await self._call("create", name, {"kind": kind, "dim": dim, "params": params}))
 
     async def list_banks(self) -> list[BankInfo]:
@@ -219,40 +279,55 @@ class TritonBackend:
         return memory_wire.bank_info(await self._call("info", name))
 
     async def delete_bank(self, name: str) -> None:
+        if self.writer is not None:
+            return await asyncio.to_thread(self.writer.delete, name)
         await self._call("delete", name)
 
     async def store(self, name: str, patterns: np.ndarray, ids: list[str] | None) -> tuple[list[str], int, int]:
+        if self.writer is not None:
+            return await asyncio.to_thread(self.writer.store_patterns, name, patterns, ids)
         result = await self._call("store", name, {"ids": ids}, vectors=patterns)
         return result["ids"], result["count"], result["version"]
 
     async def delete_pattern(self, name: str, pattern_id: str) -> int:
+        if self.writer is not None:
+            return await asyncio.to_thread(self.writer.delete_pattern, name, pattern_id)
         return (await self._call("delete_pattern", name, {"id": pattern_id}))["version"]
 
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
                          options: DynamicsOptions, min_version: int = 0) -> MemoryResults:
         args = {**asdict(options), "min_version": min_version}
         arrays = memory_wire.request_arrays("run", name, args, vectors=queries, clamp=clamp)
-        answer = await self._infer(ASSOCIATIVE_MEMORY, arrays, memory_wire.RUN_OUTPUTS)
+        answer = await self._infer(ASSOCIATIVE_MEMORY, arrays, memory_wire.RUN_OUTPUTS, failover=True)
         return memory_wire.decode_results({name: answer.as_numpy(name)[0] for name in memory_wire.RUN_OUTPUTS})
 
     # ----- the wire -----------------------------------------------------------------------------
 
     async def _call(self, op: str, bank: str = "", args: dict | None = None, *,
                     vectors: np.ndarray | None = None) -> Any:
-        """A bank operation other than run: its JSON RESULT."""
+        """A bank operation other than run: its JSON RESULT. Reads may fail over to another replica;
+        writes reach Triton only where it is the one replica, and are never sent twice."""
         answer = await self._infer(ASSOCIATIVE_MEMORY, memory_wire.request_arrays(op, bank, args, vectors=vectors),
-                                   ("RESULT",))
+                                   ("RESULT",), failover=op in memory_wire.READ_OPS)
         return json.loads(answer.as_numpy("RESULT")[0, 0])
 
-    async def _infer(self, spec: ModelSpec, arrays: dict[str, np.ndarray], outputs: tuple[str, ...]):
-        if self._client is None:
-            raise Unavailable("the Triton backend is not started")
-        try:
-            return await self._client.infer(spec.name, _inputs(spec, arrays),
-                                            outputs=[InferRequestedOutput(name) for name in outputs],
-                                            client_timeout=self.request_timeout)
-        except InferenceServerException as exc:
-            raise service_error(exc, spec.name) from None
+    async def _infer(self, spec: ModelSpec, arrays: dict[str, np.ndarray], outputs: tuple[str, ...], *,
+                     failover: bool = False):
+        """One request to a replica; with `failover`, a replica that cannot serve it now (down, lagging,
+        its queue full) is marked and the next one tried, so a client sees an error only when every
+        replica failed."""
+        inputs = _inputs(spec, arrays)
+        requested = [InferRequestedOutput(name) for name in outputs]
+        replicas = self._in_turn() if failover else self._in_turn()[:1]
+        for attempt, replica in enumerate(replicas, start=1):
+            try:
+                return await replica.client.infer(spec.name, inputs, outputs=requested,
+                                                  client_timeout=self.request_timeout)
+            except InferenceServerException as exc:
+                error = service_error(exc, spec.name)
+                if not isinstance(error, (Unavailable, Overloaded)) or attempt == len(replicas):
+                    raise error from None
+                replica.failed_at = time.monotonic()
 
 
 def _inputs(spec: ModelSpec, arrays: dict[str, np.ndarray]) -> list[InferInput]:

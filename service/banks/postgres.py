@@ -44,6 +44,7 @@ MIGRATIONS = (
         dim INTEGER NOT NULL,
         params JSONB NOT NULL,
         version BIGINT NOT NULL DEFAULT 0,
+        pattern_count BIGINT NOT NULL DEFAULT 0,
         created_at TIMESTAMPTZ NOT NULL DEFAULT now()
     );
     CREATE TABLE patterns (
@@ -196,30 +197,34 @@ class PostgresStore:
             conn.execute("DELETE FROM banks WHERE name = %s", (name,))
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
 
-    def _advance(self, conn: psycopg.Connection, bank: str, op: str, ids: list[str], vectors: np.ndarray) -> int:
-        (version,) = conn.execute("UPDATE banks SET version = version + 1 WHERE name = %s RETURNING version",
-                                  (bank,)).fetchone()
+    def _advance(self, conn: psycopg.Connection, bank: str, op: str, ids: list[str], vectors: np.ndarray
+                 ) -> tuple[int, int]:
+        """Next version and pattern count of the bank, with the change logged and announced."""
+        change = len(ids) if op == "store" else -len(ids)
+        version, count = conn.execute("UPDATE banks SET version = version + 1, pattern_count = pattern_count + %s "
+                                       "WHERE name = %s RETURNING version, pattern_count", (change, bank)).fetchone()
         conn.execute("INSERT INTO changes (bank, version, op, ids, vectors) VALUES (%s, %s, %s, %s, %s)",
                      (bank, version, op, json.dumps(ids), vector_bytes(vectors)))
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, bank))
-        return version
+        return version, count
 
-    def store_patterns(self, bank: str, ids: list[str], vectors: np.ndarray) -> tuple[int, list[int]]:
+    def store_patterns(self, bank: str, ids: list[str], vectors: np.ndarray) -> tuple[int, list[int], int]:
         with self._transaction() as conn:
             # The bank's row lock orders its writers: the ids checked below cannot change under us.
-            row = conn.execute("SELECT version FROM banks WHERE name = %s FOR UPDATE", (bank,)).fetchone()
+            row = conn.execute("SELECT version, pattern_count FROM banks WHERE name = %s FOR UPDATE", (bank,)).fetchone()
             if row is None:
                 raise NotFound(f"bank '{bank}' does not exist", field="bank")
             stored = {pid: bytes(vector) for pid, vector in conn.execute(
                 "SELECT id, vector FROM patterns WHERE bank = %s AND id = ANY(%s)", (bank, ids))}
             fresh = check_new_patterns(ids, vectors, stored)
             if not fresh:
-                return row[0], []
+                return row[0], [], row[1]
             new_ids, new_vectors = [ids[i] for i in fresh], vectors[fresh]
             with conn.cursor() as cursor:
                 cursor.executemany("INSERT INTO patterns (bank, id, vector) VALUES (%s, %s, %s)",
                                    [(bank, pid, vector_bytes(v)) for pid, v in zip(new_ids, new_vectors)])
-            return self._advance(conn, bank, "store", new_ids, new_vectors), fresh
+            version, count = self._advance(conn, bank, "store", new_ids, new_vectors)
+            return version, fresh, count
 
     def delete_pattern(self, bank: str, pattern_id: str) -> tuple[int, np.ndarray]:
         with self._transaction() as conn:
@@ -229,7 +234,7 @@ class PostgresStore:
             if row is None:
                 raise NotFound(f"pattern '{pattern_id}' is not in bank '{bank}'", field="id")
             vector = vectors_from(bytes(row[0]), row[1])
-            return self._advance(conn, bank, "delete", [pattern_id], vector), vector[0]
+            return self._advance(conn, bank, "delete", [pattern_id], vector)[0], vector[0]
 
     # ----- following --------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel
 
 from service.banks.store import BankRecord, Change, Store
-from service.engines.memory import make_engine, normalize_params
+from service.engines.memory import KINDS, make_engine, normalize_params
 from service.engines.memory.base import MemoryEngine, Retrieval
 from service.errors import InvalidArgument, NotFound, Unavailable
 
@@ -284,17 +284,9 @@ class BankRegistry:
         """Store K patterns; an id already stored with the same vector is a no-op (idempotent retry),
         with a different vector a conflict. Returns (ids in request order, bank count, bank version)."""
         bank = self._bank(name, adopt=True)
-        vectors = self._vectors(bank, patterns, "patterns")
-        if ids is None:
-            ids = [uuid.uuid4().hex for _ in range(len(vectors))]
-        elif len(ids) != len(vectors):
-            raise InvalidArgument(f"ids has {len(ids)} entries for {len(vectors)} patterns", field="ids")
-        for i, pid in enumerate(ids):
-            if not isinstance(pid, str) or not PATTERN_ID.fullmatch(pid):
-                raise InvalidArgument(f"ids[{i}] must match {PATTERN_ID.pattern}", field=f"ids[{i}]")
-        if len(set(ids)) != len(ids):
-            raise InvalidArgument("ids must be unique within a request", field="ids")
-        version, fresh = self.store.store_patterns(name, list(ids), vectors.numpy())
+        vectors = checked_vectors(bank.record, patterns, "patterns")
+        ids = checked_ids(ids, len(vectors))
+        version, fresh, _ = self.store.store_patterns(name, ids, vectors.numpy())
         with bank.lock:
             change = Change(version, "store", [ids[i] for i in fresh], vectors[fresh].numpy()) if fresh else None
             self._reach(bank, version, change)
@@ -322,7 +314,7 @@ class BankRegistry:
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Validate one request's queries (and clamp mask) against its bank; errors name the field."""
         bank = self._bank(name)
-        x = self._vectors(bank, queries, "queries", binary_values=clamp is None)
+        x = checked_vectors(bank.record, queries, "queries", binary_values=clamp is None)
         if clamp is None:
             return x, None
         mask = np.asarray(clamp)
@@ -351,18 +343,35 @@ class BankRegistry:
             start += len(queries)
         return split
 
-    def _vectors(self, bank: Bank, values: np.ndarray, field_name: str, binary_values: bool = True) -> torch.Tensor:
-        x = np.asarray(values, dtype=np.float32)
-        if x.ndim != 2 or x.shape[0] == 0:
-            raise InvalidArgument(f"{field_name} must be a non-empty list of vectors", field=field_name)
-        if x.shape[1] != bank.record.dim:
-            raise InvalidArgument(
-                f"{field_name} vectors have dimension {x.shape[1]}, bank '{bank.record.name}' has dim {bank.record.dim}",
-                field=field_name)
-        tensor = _tensor(x)
-        if binary_values:
-            bank.engine.check_values(tensor, field_name)
-        return tensor
+
+
+def checked_vectors(record: BankRecord, values: np.ndarray, field: str, binary_values: bool = True) -> torch.Tensor:
+    """A request's K×D vectors for the bank: its dim, and ±1 values for the binary kinds (a completion's
+    cues may be anything: only their clamped entries count)."""
+    x = np.asarray(values, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise InvalidArgument(f"{field} must be a non-empty list of vectors", field=field)
+    if x.shape[1] != record.dim:
+        raise InvalidArgument(f"{field} vectors have dimension {x.shape[1]}, bank '{record.name}' has dim {record.dim}",
+                              field=field)
+    tensor = _tensor(x)
+    if binary_values:
+        KINDS[record.kind].check_values(tensor, field)
+    return tensor
+
+
+def checked_ids(ids: list[str] | None, count: int) -> list[str]:
+    """The ids of `count` patterns to store: given (valid, unique) or generated."""
+    if ids is None:
+        return [uuid.uuid4().hex for _ in range(count)]
+    if len(ids) != count:
+        raise InvalidArgument(f"ids has {len(ids)} entries for {count} patterns", field="ids")
+    for i, pid in enumerate(ids):
+        if not isinstance(pid, str) or not PATTERN_ID.fullmatch(pid):
+            raise InvalidArgument(f"ids[{i}] must match {PATTERN_ID.pattern}", field=f"ids[{i}]")
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument("ids must be unique within a request", field="ids")
+    return list(ids)
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:

@@ -78,8 +78,9 @@ class Store(Protocol):
 
     def delete_bank(self, name: str) -> None: ...
 
-    def store_patterns(self, bank: str, ids: list[str], vectors: np.ndarray) -> tuple[int, list[int]]:
-        """Commit the patterns not stored yet; returns (bank version after, indices of those stored now).
+    def store_patterns(self, bank: str, ids: list[str], vectors: np.ndarray) -> tuple[int, list[int], int]:
+        """Commit the patterns not stored yet; returns (bank version after, indices of those stored now,
+        patterns in the bank after).
         Conflict naming ids[i] if an id is stored with another vector; NotFound if the bank is gone."""
         ...
 
@@ -151,6 +152,8 @@ SQLITE_MIGRATIONS = (
     ALTER TABLE banks ADD COLUMN uid TEXT NOT NULL DEFAULT '';
     UPDATE banks SET uid = lower(hex(randomblob(16))) WHERE uid = '';
     ALTER TABLE banks ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE banks ADD COLUMN pattern_count INTEGER NOT NULL DEFAULT 0;
+    UPDATE banks SET pattern_count = (SELECT count(*) FROM patterns WHERE patterns.bank = banks.name);
     CREATE TABLE changes (
         bank TEXT NOT NULL REFERENCES banks(name) ON DELETE CASCADE,
         version INTEGER NOT NULL,
@@ -280,16 +283,19 @@ class SQLiteStore:
         with self._transaction() as db:
             db.execute("DELETE FROM banks WHERE name = ?", (name,))
 
-    def _advance(self, db: sqlite3.Connection, bank: str, op: str, ids: list[str], vectors: np.ndarray) -> int:
-        (version,) = db.execute("UPDATE banks SET version = version + 1 WHERE name = ? RETURNING version",
-                                (bank,)).fetchone()
+    def _advance(self, db: sqlite3.Connection, bank: str, op: str, ids: list[str], vectors: np.ndarray
+                 ) -> tuple[int, int]:
+        """Next version and pattern count of the bank, with the change logged."""
+        change = len(ids) if op == "store" else -len(ids)
+        version, count = db.execute("UPDATE banks SET version = version + 1, pattern_count = pattern_count + ? "
+                                     "WHERE name = ? RETURNING version, pattern_count", (change, bank)).fetchone()
         db.execute("INSERT INTO changes (bank, version, op, ids, vectors) VALUES (?, ?, ?, ?, ?)",
                    (bank, version, op, json.dumps(ids), vector_bytes(vectors)))
-        return version
+        return version, count
 
-    def store_patterns(self, bank: str, ids: list[str], vectors: np.ndarray) -> tuple[int, list[int]]:
+    def store_patterns(self, bank: str, ids: list[str], vectors: np.ndarray) -> tuple[int, list[int], int]:
         with self._transaction() as db:
-            row = db.execute("SELECT version FROM banks WHERE name = ?", (bank,)).fetchone()
+            row = db.execute("SELECT version, pattern_count FROM banks WHERE name = ?", (bank,)).fetchone()
             if row is None:
                 raise NotFound(f"bank '{bank}' does not exist", field="bank")
             marks = ",".join("?" * len(ids))
@@ -297,11 +303,12 @@ class SQLiteStore:
                                      (bank, *ids)).fetchall())
             fresh = check_new_patterns(ids, vectors, stored)
             if not fresh:
-                return row[0], []
+                return row[0], [], row[1]
             new_ids, new_vectors = [ids[i] for i in fresh], vectors[fresh]
             db.executemany("INSERT INTO patterns (bank, id, vector) VALUES (?, ?, ?)",
                            [(bank, pid, vector_bytes(v)) for pid, v in zip(new_ids, new_vectors)])
-            return self._advance(db, bank, "store", new_ids, new_vectors), fresh
+            version, count = self._advance(db, bank, "store", new_ids, new_vectors)
+            return version, fresh, count
 
     def delete_pattern(self, bank: str, pattern_id: str) -> tuple[int, np.ndarray]:
         with self._transaction() as db:
@@ -311,7 +318,7 @@ class SQLiteStore:
                 raise NotFound(f"pattern '{pattern_id}' is not in bank '{bank}'", field="id")
             vector = vectors_from(row[0], row[1])
             db.execute("DELETE FROM patterns WHERE bank = ? AND id = ?", (bank, pattern_id))
-            return self._advance(db, bank, "delete", [pattern_id], vector), vector[0]
+            return self._advance(db, bank, "delete", [pattern_id], vector)[0], vector[0]
 
     def wait_for_changes(self, timeout: float) -> None:
         threading.Event().wait(timeout)  # nobody else writes here

@@ -34,6 +34,7 @@ from service.errors import InvalidArgument
 from service.triton.wire import json_tensor, text_tensor, text_value
 
 OPS = ("create", "list", "info", "delete", "store", "delete_pattern", "run")
+READ_OPS = ("list", "info", "run")
 RUN_OUTPUTS = ("STATES", "ENERGY", "STEPS", "CONVERGED", "NEAREST", "SIMILARITY", "TRACE")
 NO_VECTORS = np.zeros((0, 0), dtype=np.float32)
 

@@ -42,9 +42,9 @@ def test_every_committed_write_advances_the_version_once(location):
     assert record.version == 0 and len(record.uid) == 32
     with pytest.raises(AlreadyExists):
         store.create_bank(BankRecord("b", "modern", DIM, {}))
-    assert store.store_patterns("b", ["x", "y"], eye(0, 1)) == (1, [0, 1])
-    assert store.store_patterns("b", ["x", "y"], eye(0, 1)) == (1, [])  # a retry commits nothing
-    assert store.store_patterns("b", ["y", "z"], eye(1, 2)) == (2, [1])  # only z is new
+    assert store.store_patterns("b", ["x", "y"], eye(0, 1)) == (1, [0, 1], 2)
+    assert store.store_patterns("b", ["x", "y"], eye(0, 1)) == (1, [], 2)  # a retry commits nothing
+    assert store.store_patterns("b", ["y", "z"], eye(1, 2)) == (2, [1], 3)  # only z is new
     with pytest.raises(Conflict) as conflict:
         store.store_patterns("b", ["w", "x"], eye(3, 3))
     assert conflict.value.field == "ids[1]"

@@ -35,3 +35,13 @@ def test_keys_create_prints_a_key_and_stores_only_its_hash(tmp_path):
     assert key not in keys_file.read_text()
     assert load_keys(keys_file, env="").tenant(f"Bearer {key}") == "acme"
     assert amserve("keys", "create", "--tenant", "Bad Tenant", "--file", str(keys_file)).returncode != 0
+
+
+def test_a_malformed_store_is_a_clear_start_up_error(tmp_path):
+    for args in (["--store", "postgresql://amserve@127.0.0.1:notaport/db"],
+                 ["--store", "mysql://127.0.0.1/db"],
+                 ["--backend", "triton", "--triton-url", "127.0.0.1:1,127.0.0.1:2"]):  # replicas need a shared store
+        out = amserve("serve", "--backend", "embedded", "--data-dir", str(tmp_path), "--model", "none",
+                      "--rest-port", "0", "--grpc-port", "0", *args)
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr and ("store" in out.stderr.split("error:")[-1]), out.stderr[-2000:]

@@ -151,12 +151,13 @@ class MemoryEngine:
 
     # ----- validation -------------------------------------------------------------------
 
-    def check_values(self, x: Tensor, field: str) -> None:
+    @classmethod
+    def check_values(cls, x: Tensor, field: str) -> None:
         """Raise InvalidArgument(field=field) unless this kind accepts the values of the B×D batch x.
 
         Shape and finiteness are the caller's to check (the API edge and the bank do, once)."""
-        if self.binary and not ((x == 1) | (x == -1)).all():
-            raise InvalidArgument(f"kind '{self.kind}' holds ±1 vectors: every value must be -1 or 1", field=field)
+        if cls.binary and not ((x == 1) | (x == -1)).all():
+            raise InvalidArgument(f"kind '{cls.kind}' holds ±1 vectors: every value must be -1 or 1", field=field)
 
     def _require_patterns(self) -> None:
         if self._count == 0:
