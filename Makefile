@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml
 service/api/pb/amserve_pb2.py: $(STAMP) $(wildcard proto/amserve/v1/*.proto)
 	$(BIN)/python -m service.api.protos
 
+# wrk: a compiled load generator, so the client does not measure itself.
+/usr/bin/wrk:
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk
+
 # Debian's package, without the default cluster it would otherwise create and start.
 $(PG_BIN)/initdb:
 	mkdir -p /etc/postgresql-common
@@ -48,12 +53,13 @@ test: setup $(PG_BIN)/initdb
 	$(BIN)/pytest -q -rs
 
 # Every benchmark, then one report.json with all figures and the plots (loadtest/results/).
-bench: setup
+bench: setup $(PG_BIN)/initdb /usr/bin/wrk
 	$(BIN)/python loadtest/bench_retrieve.py
 	$(BIN)/python loadtest/bench_complete.py
 	$(BIN)/python loadtest/bench_drdam_scaling.py
 	$(BIN)/python loadtest/bench_generate.py
 	$(BIN)/python loadtest/overload.py
+	$(BIN)/python loadtest/bench_replication.py
 	$(BIN)/python loadtest/report.py
 
 # Locust in its own process against a local service; fails on the thresholds given in ARGS.

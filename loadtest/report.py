@@ -4,7 +4,7 @@
 
 Plots (PNG, loadtest/results/): retrieve throughput vs concurrency per backend and transport,
 batching on vs off (retrieve and image completion), DrDAM vs exact latency and memory as the number of
-stored patterns grows, decode tokens/s vs concurrent streams.
+stored patterns grows, decode tokens/s vs concurrent streams, replication lag and replicas.
 """
 
 from __future__ import annotations
@@ -97,10 +97,31 @@ def plot_generate(data: dict) -> list[str]:
     return [save(fig, "generate_streams.png")]
 
 
+def plot_replication(data: dict) -> list[str]:
+    """Replication lag, retrieve throughput with 1 vs 2 replicas, and latency around a replica kill."""
+    fig, (lag, throughput, kill) = plt.subplots(1, 3, figsize=(13, 4))
+    for offset, (rate, run) in enumerate(data["lag"].items()):
+        lag.bar([offset * 3, offset * 3 + 1], [run["lag"]["p50_ms"], run["lag"]["p99_ms"]],
+                label=f"offered {rate}, achieved {run['achieved_rate']:.0f}/s")
+    lag.set_xticks([0, 1, 3, 4], ["p50", "p99", "p50", "p99"])
+    lag.set(ylabel="ms", title="store → visible on the other replica")
+    lag.legend(fontsize=7)
+    throughput.bar(["1 replica", "2 replicas"], [data["throughput"]["one_replica"]["rps"],
+                                                 data["throughput"]["two_replicas"]["rps"]])
+    throughput.set(ylabel="retrieves / s (wrk)", title="retrieve throughput, same machine")
+    phases = list(data["replica_kill"])
+    kill.bar(phases, [data["replica_kill"][p]["p99_ms"] or 0 for p in phases])
+    kill.set(ylabel="p99 ms", title="Triton replica SIGKILLed: errors " +
+             ", ".join(str(data["replica_kill"][p]["errors"]) for p in phases))
+    kill.tick_params(axis="x", labelsize=7)
+    return [save(fig, "replication.png")]
+
+
 def main() -> int:
     report: dict = {"plots": []}
     for name, plot in (("retrieve", plot_retrieve), ("complete", plot_complete),
-                       ("drdam_scaling", plot_drdam), ("generate", plot_generate), ("overload", None)):
+                       ("drdam_scaling", plot_drdam), ("generate", plot_generate), ("overload", None),
+                       ("replication", plot_replication)):
         data = load(name)
         if data is None:
             print(f"no {name}.json: run loadtest/bench_{name}.py first", file=sys.stderr)

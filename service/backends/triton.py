@@ -121,6 +121,7 @@ class TritonBackend:
         self.request_timeout = request_timeout
         self._replicas: list[Replica] = []
         self._turn = 0
+        self._store_failed = False
         self._parameters: dict[str, dict[str, str]] = {}  # per model, read once
         # Generations this gateway has in Triton: waiting for their first token, then running.
         self._generations = {"waiting": 0, "running": 0}
@@ -159,11 +160,13 @@ class TritonBackend:
                                           for r in self._replicas)))
 
     async def degraded(self) -> list[str]:
-        """Replicas that are not ready while others serve; the store's health shows in write answers."""
+        """Replicas that are not ready while others serve, and the store while this gateway's last
+        write to it failed (reads go on from the replicas)."""
         ready = await asyncio.gather(*(self._model_ready(r, ASSOCIATIVE_MEMORY.name, server=True)
                                        for r in self._replicas))
-        return [] if all(ready) or len(ready) == 1 else [f"triton {r.url}" for r, up in zip(self._replicas, ready)
-                                                          if not up]
+        down = [] if all(ready) or len(ready) == 1 else [f"triton {r.url}" for r, up in zip(self._replicas, ready)
+                                                         if not up]
+        return down + (["store"] if self._store_failed else [])
 
     async def _model_ready(self, replica: Replica, model: str, server: bool = False) -> bool:
         client = replica.client
@@ -269,7 +272,7 @@ class TritonBackend:
 
     async def create_bank(self, name: str, kind: str, dim: int, params: dict) -> BankInfo:
         if self.writer is not None:
-            return await asyncio.to_thread(self.writer.create, name, kind, dim, params)
+            return await self._write(self.writer.create, name, kind, dim, params)
         return memory_wire.bank_info(await self._call("create", name, {"kind": kind, "dim": dim, "params": params}))
 
     async def list_banks(self) -> list[BankInfo]:
@@ -280,18 +283,18 @@ class TritonBackend:
 
     async def delete_bank(self, name: str) -> None:
         if self.writer is not None:
-            return await asyncio.to_thread(self.writer.delete, name)
+            return await self._write(self.writer.delete, name)
         await self._call("delete", name)
 
     async def store(self, name: str, patterns: np.ndarray, ids: list[str] | None) -> tuple[list[str], int, int]:
         if self.writer is not None:
-            return await asyncio.to_thread(self.writer.store_patterns, name, patterns, ids)
+            return await self._write(self.writer.store_patterns, name, patterns, ids)
         result = await self._call("store", name, {"ids": ids}, vectors=patterns)
         return result["ids"], result["count"], result["version"]
 
     async def delete_pattern(self, name: str, pattern_id: str) -> int:
         if self.writer is not None:
-            return await asyncio.to_thread(self.writer.delete_pattern, name, pattern_id)
+            return await self._write(self.writer.delete_pattern, name, pattern_id)
         return (await self._call("delete_pattern", name, {"id": pattern_id}))["version"]
 
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
@@ -300,6 +303,17 @@ class TritonBackend:
         arrays = memory_wire.request_arrays("run", name, args, vectors=queries, clamp=clamp)
         answer = await self._infer(ASSOCIATIVE_MEMORY, arrays, memory_wire.RUN_OUTPUTS, failover=True)
         return memory_wire.decode_results({name: answer.as_numpy(name)[0] for name in memory_wire.RUN_OUTPUTS})
+
+    async def _write(self, commit, *args):
+        """A write committed by this gateway's writer, off the event loop; a store that cannot answer
+        marks it degraded until a write goes through again."""
+        try:
+            result = await asyncio.to_thread(commit, *args)
+        except Unavailable:
+            self._store_failed = True
+            raise
+        self._store_failed = False
+        return result
 
     # ----- the wire -----------------------------------------------------------------------------
 

@@ -7,8 +7,9 @@ event loop, and psycopg_pool gives a connection pool with health checks and reco
 A write commits with synchronous_commit on before it is acknowledged. Its version comes from
 `UPDATE banks SET version = version + 1 … RETURNING version` inside the writing transaction: the
 row lock orders the bank's writers, so versions follow commit order (a sequence's would not).
-The same transaction inserts the change-log row and a NOTIFY, delivered at commit, which wakes the
-replicas; they catch up by version, so a lost notification costs at most one poll interval.
+The same transaction inserts the change-log row and a NOTIFY ("<version> <bank>", delivered at
+commit), which wakes the replicas; they catch up by version, so a lost notification costs at most
+one poll interval, and a replica already at the notified version (its own write) does nothing.
 
 Schema migrations are numbered and applied at start under an advisory lock, so replicas starting
 together do not race.
@@ -34,6 +35,17 @@ from service.errors import AlreadyExists, InvalidArgument, NotFound, ServiceErro
 log = logging.getLogger(__name__)
 
 CHANNEL = "amserve_changes"
+# The version bump, the change-log row and the notification of one committed write.
+ADVANCE = """
+WITH bumped AS (
+    UPDATE banks SET version = version + 1, pattern_count = pattern_count + %(change)s
+    WHERE name = %(bank)s RETURNING version, pattern_count
+), logged AS (
+    INSERT INTO changes (bank, version, op, ids, vectors)
+    SELECT %(bank)s::text, version, %(op)s::text, %(ids)s::jsonb, %(vectors)s::bytea FROM bumped
+)
+SELECT version, pattern_count, pg_notify(%(channel)s::text, version::text || ' ' || %(bank)s::text) FROM bumped
+"""
 MIGRATION_LOCK = 0x616D7365  # pg_advisory_xact_lock key: "amse"
 MIGRATIONS = (
     """
@@ -67,6 +79,9 @@ MIGRATIONS = (
 # How long a call waits for a pooled connection before answering 503: PostgreSQL away must be a
 # quick, clear refusal, never a hang.
 CONNECT_TIMEOUT_S = 2.0
+STATEMENT_TIMEOUT_MS = 10_000
+# TCP keepalives find a peer that went silent (a partition) within ~10 s rather than the kernel's hours.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 4, "keepalives_interval": 2, "keepalives_count": 3}
 
 
 def checked_dsn(dsn: str) -> str:
@@ -83,6 +98,9 @@ def checked_dsn(dsn: str) -> str:
 
 def _configure(conn: psycopg.Connection) -> None:
     conn.execute("SET synchronous_commit = on")
+    # A statement that cannot finish (a partition that drops packets, a lock held elsewhere) fails
+    # instead of holding its caller: the caller answers 503 and the pool replaces the connection.
+    conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
     conn.commit()
 
 
@@ -91,7 +109,7 @@ class PostgresStore:
 
     def __init__(self, dsn: str, *, max_connections: int = 4):
         self.dsn = checked_dsn(dsn)
-        connect = {"connect_timeout": max(1, round(CONNECT_TIMEOUT_S))}
+        connect = {"connect_timeout": max(1, round(CONNECT_TIMEOUT_S)), **KEEPALIVES}
         self.pool = ConnectionPool(self.dsn, min_size=1, max_size=max_connections, kwargs=connect,
                                    configure=_configure, timeout=CONNECT_TIMEOUT_S, open=False,
                                    name="amserve-store")
@@ -187,7 +205,7 @@ class PostgresStore:
             with self._transaction() as conn:
                 conn.execute("INSERT INTO banks (name, kind, dim, params, uid) VALUES (%s, %s, %s, %s, %s)",
                              (created.name, created.kind, created.dim, json.dumps(created.params), created.uid))
-                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, created.name))
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"0 {created.name}"))
         except psycopg.errors.UniqueViolation as exc:
             raise AlreadyExists(f"bank '{record.name}' already exists", field="bank") from exc
         return created
@@ -195,28 +213,27 @@ class PostgresStore:
     def delete_bank(self, name: str) -> None:
         with self._transaction() as conn:
             conn.execute("DELETE FROM banks WHERE name = %s", (name,))
-            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"0 {name}"))
 
     def _advance(self, conn: psycopg.Connection, bank: str, op: str, ids: list[str], vectors: np.ndarray
                  ) -> tuple[int, int]:
-        """Next version and pattern count of the bank, with the change logged and announced."""
+        """Next version and pattern count of the bank, with the change logged and announced: one
+        statement, so one round trip."""
         change = len(ids) if op == "store" else -len(ids)
-        version, count = conn.execute("UPDATE banks SET version = version + 1, pattern_count = pattern_count + %s "
-                                       "WHERE name = %s RETURNING version, pattern_count", (change, bank)).fetchone()
-        conn.execute("INSERT INTO changes (bank, version, op, ids, vectors) VALUES (%s, %s, %s, %s, %s)",
-                     (bank, version, op, json.dumps(ids), vector_bytes(vectors)))
-        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, bank))
+        version, count, _ = conn.execute(ADVANCE, {"bank": bank, "change": change, "op": op, "ids": json.dumps(ids),
+                                                   "vectors": vector_bytes(vectors), "channel": CHANNEL}).fetchone()
         return version, count
 
     def store_patterns(self, bank: str, ids: list[str], vectors: np.ndarray) -> tuple[int, list[int], int]:
-        with self._transaction() as conn:
-            # The bank's row lock orders its writers: the ids checked below cannot change under us.
-            row = conn.execute("SELECT version, pattern_count FROM banks WHERE name = %s FOR UPDATE", (bank,)).fetchone()
+        with self._transaction() as conn, conn.pipeline():
+            # Pipelined: the second statement runs after the first holds the bank's row lock, which
+            # orders the bank's writers, so the ids it reads cannot change under us.
+            locked = conn.execute("SELECT version, pattern_count FROM banks WHERE name = %s FOR UPDATE", (bank,))
+            present = conn.execute("SELECT id, vector FROM patterns WHERE bank = %s AND id = ANY(%s)", (bank, ids))
+            row = locked.fetchone()
             if row is None:
                 raise NotFound(f"bank '{bank}' does not exist", field="bank")
-            stored = {pid: bytes(vector) for pid, vector in conn.execute(
-                "SELECT id, vector FROM patterns WHERE bank = %s AND id = ANY(%s)", (bank, ids))}
-            fresh = check_new_patterns(ids, vectors, stored)
+            fresh = check_new_patterns(ids, vectors, {pid: bytes(vector) for pid, vector in present})
             if not fresh:
                 return row[0], [], row[1]
             new_ids, new_vectors = [ids[i] for i in fresh], vectors[fresh]
@@ -238,17 +255,27 @@ class PostgresStore:
 
     # ----- following --------------------------------------------------------------------------
 
-    def wait_for_changes(self, timeout: float) -> None:
-        """Block until a NOTIFY on the channel (any bank's commit) or `timeout`; a broken listening
-        connection is reopened on the next call, the time until then spent waiting."""
+    def wait_for_changes(self, timeout: float) -> dict[str, int] | None:
+        """{bank: version} from the notifications that arrive within `timeout` (the first, then all
+        already pending: a burst of commits costs one catch-up, not one each); version 0 for a bank
+        created or deleted. None after a quiet `timeout` or when the listening connection broke
+        (reopened on the next call)."""
         with self._listener_lock:
             try:
                 if self._listener is None or self._listener.closed:
-                    self._listener = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, round(timeout)))
+                    self._listener = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, round(timeout)),
+                                                     **KEEPALIVES)
                     self._listener.execute(f"LISTEN {CHANNEL}")
-                for _ in self._listener.notifies(timeout=timeout, stop_after=1):
-                    pass
+                notes = list(self._listener.notifies(timeout=timeout, stop_after=1))
+                if notes:
+                    notes += self._listener.notifies(timeout=0.001)
+                banks: dict[str, int] = {}
+                for note in notes:  # "<version> <bank>"
+                    version, _, bank = note.payload.partition(" ")
+                    banks[bank] = 0 if banks.get(bank, -1) == 0 else max(int(version), banks.get(bank, 0))
+                return banks or None
             except psycopg.Error:
                 if self._listener is not None:
                     self._listener.close()
                 threading.Event().wait(timeout)
+                return None

@@ -196,14 +196,22 @@ class BankRegistry:
                 self._banks[name] = self._load(record)
             return self._banks[name]
 
-    def sync(self) -> None:
+    def sync(self, notified: dict[str, int] | None = None) -> None:
         """Bring serving state to the store's: new and re-created banks loaded, deleted ones dropped,
-        the others caught up."""
-        records = {record.name: record for record in self.store.banks()}
+        the others caught up; only the `notified` banks when given ({bank: version}, 0 = created or
+        deleted), of which those already served at that version need nothing."""
+        if notified is None:
+            records = {record.name: record for record in self.store.banks()}
+            gone = [name for name in self._banks if name not in records]
+        else:
+            found = {name: self.store.bank(name) for name, version in notified.items()
+                     if version == 0 or name not in self._banks or self._banks[name].version < version}
+            records = {name: record for name, record in found.items() if record is not None}
+            gone = [name for name, record in found.items() if record is None]
         with self._lock:
-            for name in [name for name, bank in self._banks.items()
-                         if name not in records or records[name].uid != bank.record.uid]:
-                del self._banks[name]
+            for name in gone + [name for name, record in records.items()
+                                if name in self._banks and self._banks[name].record.uid != record.uid]:
+                self._banks.pop(name, None)
             for name, record in records.items():
                 if name not in self._banks:
                     self._banks[name] = self._load(record)
@@ -217,11 +225,11 @@ class BankRegistry:
         """Keep in step with a shared store until `stop` is set: wake on its notifications, and poll
         every `poll` seconds in case one was lost. A store that cannot answer is tried again later."""
         while not stop.is_set():
-            self.store.wait_for_changes(poll)
+            notified = self.store.wait_for_changes(poll)
             if stop.is_set():
                 return
             try:
-                self.sync()
+                self.sync(notified)
             except Unavailable as exc:
                 if self.store_reachable:
                     log.warning("bank replica cannot reach its store: %s", exc.message)

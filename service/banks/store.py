@@ -88,8 +88,10 @@ class Store(Protocol):
         """Commit the deletion; returns (bank version after, the deleted vector)."""
         ...
 
-    def wait_for_changes(self, timeout: float) -> None:
-        """Return once another process may have committed a write, or after `timeout` seconds."""
+    def wait_for_changes(self, timeout: float) -> dict[str, int] | None:
+        """Wait until another process may have committed writes, or `timeout` seconds: {bank: version
+        committed} for the banks written (0 where one was created or deleted), or None when it cannot
+        say (the timeout passed; a notification may have been lost)."""
         ...
 
     def close(self) -> None: ...
@@ -320,5 +322,6 @@ class SQLiteStore:
             db.execute("DELETE FROM patterns WHERE bank = ? AND id = ?", (bank, pattern_id))
             return self._advance(db, bank, "delete", [pattern_id], vector)[0], vector[0]
 
-    def wait_for_changes(self, timeout: float) -> None:
+    def wait_for_changes(self, timeout: float) -> dict[str, int] | None:
         threading.Event().wait(timeout)  # nobody else writes here
+        return None
