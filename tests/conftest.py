@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from tests.harness import ServerProcess
-from tests.postgres import PostgresCluster
 from tests.helpers import processes_matching, processes_with_environment, wait_until
+from tests.postgres import PostgresCluster
 
 # The API suite runs against each: the embedded and triton backends on SQLite, and the embedded
 # backend as a replica of a PostgreSQL store.

@@ -19,8 +19,8 @@ import numpy as np
 from service import metrics
 from service.api import schemas
 from service.backends.base import Backend
-from service.engines.lm.sampling import SamplingParams
 from service.banks.registry import BankInfo, DynamicsOptions, check_bank_name
+from service.engines.lm.sampling import SamplingParams
 from service.engines.memory.base import MAX_DIM
 from service.errors import InvalidArgument, NotFound, TooManyRequests, Unavailable
 

@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +15,14 @@ import torch
 
 from service import metrics
 from service.backends.base import image_card, memory_card, text_card
-from service.serving.batching import MicroBatcher
+from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResults
+from service.banks.store import open_store
 from service.engines import energy_transformer
 from service.engines.lm import SamplingParams, Tokenizer
-from service.serving.scheduler import FinishEvent, GenerationRequest, Scheduler, event_dict
 from service.engines.lm.weights import DEFAULT_MODEL_NAME, default_gguf_path, load_model
-from service.banks.store import open_store
-from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResults
 from service.errors import Overloaded, TooManyRequests, Unavailable
+from service.serving.batching import MicroBatcher
+from service.serving.scheduler import FinishEvent, GenerationRequest, Scheduler, event_dict
 
 # How long a read asking for a bank version this replica has not applied yet may wait for it.
 MAX_LAG_WAIT_S = 2.0
@@ -44,7 +43,8 @@ def resolve_model(spec: str, model_repository: Path) -> tuple[Path, str]:
 class EmbeddedBackend:
     name = "embedded"
 
-    def __init__(self, data_dir, *, store: str | None = None, model_repository: Path = Path("model_repository"), device: str = "cpu",
+    def __init__(self, data_dir, *, store: str | None = None, model_repository: Path = Path("model_repository"),
+                 device: str = "cpu",
                  max_batch_size: int = 64, max_queue_delay_us: int = 500, max_queue_size: int = 1024,
                  model: str = "default", max_running_sequences: int = 16, max_waiting_sequences: int = 64,
                  max_context: int = 2048):

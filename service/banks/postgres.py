@@ -176,7 +176,8 @@ class PostgresStore:
         stack = contextlib.ExitStack()
         conn = stack.enter_context(self._transaction())
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        row = conn.execute("SELECT version FROM banks WHERE name = %s AND uid = %s", (record.name, record.uid)).fetchone()
+        row = conn.execute("SELECT version FROM banks WHERE name = %s AND uid = %s",
+                           (record.name, record.uid)).fetchone()
         if row is None:
             stack.close()
             raise NotFound(f"bank '{record.name}' does not exist", field="bank")

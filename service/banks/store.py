@@ -249,7 +249,8 @@ class SQLiteStore:
         large bank is streamed in chunks and never sits in RAM twice."""
         reader = self._connect()
         reader.execute("BEGIN")
-        row = reader.execute("SELECT version FROM banks WHERE name = ? AND uid = ?", (record.name, record.uid)).fetchone()
+        row = reader.execute("SELECT version FROM banks WHERE name = ? AND uid = ?",
+                             (record.name, record.uid)).fetchone()
         if row is None:
             reader.close()
             raise NotFound(f"bank '{record.name}' does not exist", field="bank")

@@ -21,10 +21,10 @@ embedded backend does: a missing Energy Transformer does not take the banks and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
-
-from pathlib import Path
 
 from service.engines import energy_transformer
 from service.engines.energy_transformer import EnergyTransformer

@@ -1,8 +1,8 @@
 """Writes the Triton model repository: one `<model>/config.pbtxt` and `<model>/1/model.py` per model.
 
-Each model is described by a ModelSpec (service/triton/spec.py); its config is built as a `ModelConfig` protobuf (the schema
-Triton parses) and written in text format, so field names and types are checked on export. The
-model.py files are the sources under `service/triton/templates/`, copied verbatim: thin Python-backend
+Each model is described by a ModelSpec (service/triton/spec.py); its config is built as a
+`ModelConfig` protobuf (the schema Triton parses) and written in text format, so field names and
+types are checked on export. The model.py files are the sources under `service/triton/templates/`, copied verbatim: thin Python-backend
 classes whose logic lives in `service`.
 
 Weights lie beside each model.py: the Energy Transformer's small files are checked in (written by
@@ -30,7 +30,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from service.config import Settings
-from service.engines.energy_transformer import CONFIG_FILE as ET_CONFIG, WEIGHTS_FILE as ET_WEIGHTS_FILE
+from service.engines.energy_transformer import CONFIG_FILE as ET_CONFIG
+from service.engines.energy_transformer import WEIGHTS_FILE as ET_WEIGHTS_FILE
 from service.engines.lm.weights import DEFAULT_MODEL_NAME
 from service.triton.spec import ENERGY_TRANSFORMER, LLM, MODELS, ModelSpec
 

@@ -34,8 +34,8 @@ import numpy as np
 
 from service.engines.lm import SamplingParams
 from service.engines.lm.weights import DEFAULT_MODEL_NAME
-from service.serving.scheduler import FinishEvent, GenerationRequest, RequestHandle, Scheduler, TokenEvent, event_dict
 from service.errors import InvalidArgument
+from service.serving.scheduler import FinishEvent, GenerationRequest, RequestHandle, Scheduler, TokenEvent, event_dict
 from service.triton.wire import text_tensor, text_value
 
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import ROOT
 from tests.deploy.manifests import load_docs, pod_containers
+from tests.harness import ROOT
 
 DOCKER = ROOT / "deploy" / "docker"
 COMPOSE = DOCKER / "compose.yaml"

@@ -25,9 +25,9 @@ import pytest
 import yaml
 
 from service.config import Settings
-from tests.harness import ROOT
 from tests.deploy.manifests import kustomization, load_docs, pod_containers, render
 from tests.deploy.metric_names import gateway_series
+from tests.harness import ROOT
 
 K8S_VERSION = "1.32.0"           # the cluster version the manifests target
 K8S = ROOT / "deploy" / "k8s"

@@ -10,8 +10,8 @@ import re
 import pytest
 import yaml
 
-from tests.harness import ROOT
 from tests.deploy.metric_names import gateway_metrics, gateway_series
+from tests.harness import ROOT
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "amserve.json"
 TRITON_REQUIRED = {"nv_inference_request_success", "nv_inference_count", "nv_inference_exec_count",

@@ -8,7 +8,6 @@ import os
 import signal
 
 import httpx
-import numpy as np
 
 from service.triton.launcher import TritonServer
 from tests.faults.test_postgres_replicas import DIM, Readers

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.serving.batching import MicroBatcher
 from service.errors import Overloaded
+from service.serving.batching import MicroBatcher
 
 
 class Recorder:

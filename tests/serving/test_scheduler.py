@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from service.engines.lm import ModelConfig, SamplingParams, Tokenizer, Transformer
-from service.serving.scheduler import Event, FinishEvent, GenerationRequest, Scheduler, TokenEvent
 from service.errors import InvalidArgument, Overloaded
+from service.serving.scheduler import Event, FinishEvent, GenerationRequest, Scheduler, TokenEvent
 
 CONTEXT = 128
 PROMPTS = ["The quick brown fox", "Hello", "Once upon a time, in a land far away,", "1 2 3"]

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from service.config import Settings
 from service.engines import energy_transformer
 from service.triton.export import export
-from service.triton.spec import ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER, LLM, MODELS, ModelSpec
 from service.triton.launcher import TritonServer
+from service.triton.spec import ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER, LLM, MODELS, ModelSpec
 
 TEST_LM_NAME = "tiny-gpt2"
 TEST_LM_CONTEXT = 16384  # long enough that a generation outlasts the tests that cancel it

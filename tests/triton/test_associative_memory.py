@@ -12,8 +12,17 @@ from tritonclient.utils import InferenceServerException
 from service.backends.triton import service_error
 from service.banks.registry import BankRegistry, DynamicsOptions, MemoryResults
 from service.banks.store import SQLiteStore
-from service.errors import (AlreadyExists, Conflict, InvalidArgument, NotFound, Overloaded, ServiceError,
-                            TooLarge, TooManyRequests, Unavailable)
+from service.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    ServiceError,
+    TooLarge,
+    TooManyRequests,
+    Unavailable,
+)
 from service.triton.associative_memory import RUN_OUTPUTS, AssociativeMemory, decode_results
 from service.triton.wire import error_from_message, error_message
 

@@ -6,10 +6,10 @@ import filecmp
 from pathlib import Path
 
 import pytest
+from tritonclient.grpc import model_config_pb2 as pb
 
 from service.config import Settings
 from service.triton.export import ET_WEIGHTS, LLM_FILES, export, export_llm, llm_exported, read_config
-from tritonclient.grpc import model_config_pb2 as pb
 
 CHECKED_IN = Path(__file__).resolve().parents[2] / "model_repository"
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from service.engines.lm import SamplingParams, load_model
-from service.serving.scheduler import Scheduler
 from service.errors import InvalidArgument, Overloaded
+from service.serving.scheduler import Scheduler
 from service.triton.llm import TextGeneration, decode_event, parse_request, request_arrays
 from tests.triton.fixtures import TEST_LM_CONTEXT, write_test_lm
 

@@ -19,8 +19,8 @@ from service.backends.triton import TritonBackend
 from service.engines.lm import SamplingParams
 from service.errors import InvalidArgument, TooManyRequests, Unavailable
 from service.triton.export import export
-from service.triton.spec import ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER
 from service.triton.launcher import TritonServer
+from service.triton.spec import ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER
 from tests.helpers import inference_counts, outcome, run_scenario
 from tests.triton.fixtures import TEST_LM_CONTEXT, TEST_LM_LIMITS, TEST_LM_NAME, export_for_tests
 
