@@ -23,11 +23,11 @@ BATCH_SIZE = Histogram(
     "amserve_batch_size", "Requests merged into one engine call.", ["model"], buckets=BATCH_BUCKETS)
 BATCH_ROWS = Histogram(
     "amserve_batch_rows", "Query vectors in one engine call.", ["model"], buckets=BATCH_BUCKETS)
+# No label takes a bank or tenant name: both are unbounded, and /metrics is open by default. Bank sizes
+# are in the API (GET /v1/banks).
 RETRIEVE_STEPS = Histogram(
-    "amserve_retrieve_steps", "Dynamics steps until convergence or the step limit.", ["bank"],
+    "amserve_retrieve_steps", "Dynamics steps until convergence or the step limit.", ["model"],
     buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000))
-BANK_PATTERNS = Gauge(
-    "amserve_bank_patterns", "Patterns stored in a bank.", ["bank"])
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 TIME_TO_FIRST_TOKEN = Histogram(
     "amserve_time_to_first_token_seconds", "From request to its first generated token.", ["model"],

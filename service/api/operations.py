@@ -53,27 +53,19 @@ class Operations:
     async def list_banks(self, tenant: str | None) -> schemas.BankList:
         prefix = "" if tenant is None else f"{tenant}/"
         mine = [b for b in await self.backend.list_banks() if b.name.startswith(prefix) and "/" not in b.name[len(prefix):]]
-        for info in mine:
-            metrics.BANK_PATTERNS.labels(info.name).set(info.count)
         return schemas.BankList(banks=[visible(b) for b in mine])
 
     async def get_bank(self, tenant: str | None, bank: str) -> BankInfo:
-        info = await self.backend.bank_info(qualified(tenant, bank))
-        metrics.BANK_PATTERNS.labels(info.name).set(info.count)
-        return visible(info)
+        return visible(await self.backend.bank_info(qualified(tenant, bank)))
 
     async def delete_bank(self, tenant: str | None, bank: str) -> None:
-        name = qualified(tenant, bank)
-        await self.backend.delete_bank(name)
-        with contextlib.suppress(KeyError):  # no gauge yet for a bank never listed or stored to
-            metrics.BANK_PATTERNS.remove(name)
+        await self.backend.delete_bank(qualified(tenant, bank))
 
     async def store(self, tenant: str | None, bank: str, request: schemas.StoreRequest) -> schemas.StoreResponse:
         name = qualified(tenant, bank)
         self._check_vector_count(request.patterns, "patterns")
         ids, count, version = await self.backend.store(name, np.asarray(request.patterns, dtype=np.float32),
                                                        request.ids)
-        metrics.BANK_PATTERNS.labels(name).set(count)
         self._writes.remember(name, version)
         return schemas.StoreResponse(ids=ids, count=count, version=version)
 
@@ -188,7 +180,7 @@ class Operations:
         min_version = max(request.min_version or 0, self._writes.version(bank))
         results = await self.backend.run_memory(bank, np.asarray(request.queries, dtype=np.float32), clamp, options,
                                                 min_version)
-        steps = metrics.RETRIEVE_STEPS.labels(bank)
+        steps = metrics.RETRIEVE_STEPS.labels("associative_memory")
         for count in results.steps.tolist():
             steps.observe(count)
         return schemas.RetrieveResponse.from_results(results)

@@ -188,12 +188,13 @@ def test_probes_and_metrics(client, bank_name):
     create(client, bank_name, "modern", 2)
     client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0]]})
     client.get(f"/v1/banks/{bank_name}")
+    client.post(f"/v1/banks/{bank_name}/retrieve", json={"queries": [[1, 0]]})
     text = client.get("/metrics").text
     for name in ("amserve_request_duration_seconds_bucket", "amserve_requests_in_flight",
-                 "amserve_bank_patterns", "amserve_requests_total"):
+                 "amserve_retrieve_steps_bucket", "amserve_requests_total"):
         assert name in text
-    assert f'amserve_bank_patterns{{bank="{bank_name}"}} 1.0' in text
     assert 'route="/v1/banks/{bank}/store"' in text
+    assert bank_name not in text  # no label takes a bank name: unbounded, and /metrics is open by default
 
 
 def test_openapi_documents_every_route(client):
