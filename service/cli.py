@@ -25,7 +25,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_running_sequences=args.max_running_sequences, max_waiting_sequences=args.max_waiting_sequences,
         max_context=args.max_context, api_keys_file=args.api_keys_file,
         protect_metrics=args.protect_metrics or None, max_dim=args.max_dim, max_new_tokens=args.max_new_tokens,
-        max_streams_per_tenant=args.max_streams_per_tenant, max_in_flight=args.max_in_flight)
+        max_streams_per_tenant=args.max_streams_per_tenant, max_in_flight=args.max_in_flight,
+        max_prompt_chars=args.max_prompt_chars)
     asyncio.run(serve(settings))
     return 0
 
@@ -51,6 +52,8 @@ def _add_serve(commands) -> None:
     p.add_argument("--max-dim", type=int, help="largest bank dimension (default 65536)")
     p.add_argument("--max-new-tokens", type=int, help="largest max_tokens of a generation (default 2048)")
     p.add_argument("--max-streams-per-tenant", type=int, help="generations in progress per caller (default 8)")
+    p.add_argument("--max-prompt-chars", type=int, help="longest prompt in characters, checked before tokenising "
+                                                         "(default 32768)")
     p.add_argument("--model", help='LM to serve: "default" (SmolLM2-135M-Instruct), a GPT-2/Llama checkpoint '
                                    'directory or .gguf file, or "none"')
     p.add_argument("--max-running-sequences", type=int, help="LM decode slots (default 16)")

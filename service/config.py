@@ -36,6 +36,7 @@ class Settings:
     max_dim: int = 65_536
     max_new_tokens: int = 2048
     max_streams_per_tenant: int = 8
+    max_prompt_chars: int = 32_768
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

@@ -57,7 +57,8 @@ async def serve(settings: Settings, backend: Backend | None = None) -> None:
     # One operations layer for both transports: they share its limits and its per-tenant stream count.
     ops = Operations(backend, Limits(max_vectors=settings.max_vectors_per_request, max_dim=settings.max_dim,
                                      max_new_tokens=settings.max_new_tokens,
-                                     max_streams_per_tenant=settings.max_streams_per_tenant))
+                                     max_streams_per_tenant=settings.max_streams_per_tenant,
+                                     max_prompt_chars=settings.max_prompt_chars))
     app = create_app(ops, max_body_bytes=settings.max_body_bytes, api_keys=api_keys,
                      protect_metrics=settings.protect_metrics, max_in_flight=settings.max_in_flight)
     rest = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.rest_port, log_level="warning",

@@ -22,7 +22,7 @@ from service.backends.base import Backend
 from service.banks.registry import BankInfo, DynamicsOptions, check_bank_name
 from service.engines.lm.sampling import SamplingParams
 from service.engines.memory.base import MAX_DIM
-from service.errors import InvalidArgument, NotFound, TooManyRequests, Unavailable
+from service.errors import InvalidArgument, NotFound, TooLarge, TooManyRequests, Unavailable
 
 OPENAI_FINISH = {"stop": "stop", "length": "length", "deadline": "length", "cancelled": "stop"}
 
@@ -35,6 +35,7 @@ class Limits:
     max_dim: int = MAX_DIM
     max_new_tokens: int = 2048
     max_streams_per_tenant: int = 8
+    max_prompt_chars: int = 32_768  # checked before tokenising, which is slow on long prompts
 
 
 class Operations:
@@ -97,6 +98,9 @@ class Operations:
                                request: schemas.GenerateRequest | schemas.CompletionsRequest) -> AsyncIterator[dict]:
         """Submit now (so a full queue or a too-long prompt fails before any byte is sent) and return
         the metered event stream; closing it early cancels the sequence."""
+        if len(request.prompt) > self.limits.max_prompt_chars:
+            raise TooLarge(f"prompt has {len(request.prompt)} characters, this service's limit is "
+                           f"{self.limits.max_prompt_chars}", field="prompt")
         if request.max_tokens > self.limits.max_new_tokens:
             raise InvalidArgument(f"max_tokens exceeds this service's limit of {self.limits.max_new_tokens}",
                                   field="max_tokens")

@@ -63,6 +63,7 @@ class EmbeddedBackend:
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="bank-writes")
         # Reads that need a newer bank version than served catch up here, off the loop and off writes.
         self._sync_thread = ThreadPoolExecutor(2, thread_name_prefix="bank-sync")
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
         self._stop_following = threading.Event()
         self._follower: threading.Thread | None = None
         self.registry: BankRegistry | None = None
@@ -108,6 +109,7 @@ class EmbeddedBackend:
             await asyncio.to_thread(self._follower.join)
         self._write_thread.shutdown(wait=True)
         self._sync_thread.shutdown(wait=True)
+        self._tokenizer_thread.shutdown(wait=True)
         if self.registry is not None:
             self.registry.store.close()
 
@@ -128,8 +130,11 @@ class EmbeddedBackend:
         if self.scheduler is None:
             raise Unavailable("no language model is served (started with --model none)")
         loop = asyncio.get_running_loop()
+        deadline_at = None if deadline is None else time.monotonic() + deadline
+        # Pure-Python BPE can take seconds on a long prompt: never on the event loop.
+        prompt_ids = await loop.run_in_executor(self._tokenizer_thread, self.tokenizer.encode, prompt)
         events: asyncio.Queue = asyncio.Queue()
-        request = GenerationRequest(prompt, params, None if deadline is None else time.monotonic() + deadline)
+        request = GenerationRequest(prompt_ids, params, deadline_at)
         try:
             handle = self.scheduler.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         except Overloaded as exc:

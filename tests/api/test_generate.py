@@ -197,3 +197,39 @@ def test_a_new_request_joins_while_another_is_generating(server):
     thread.join(timeout=120)
     assert short.status_code == 200
     assert finished["short"] < finished["long"], "the short request waited for the long one to finish"
+
+
+def test_a_long_prompt_is_tokenised_without_stalling_other_requests(server):
+    """One word of 6,000 characters takes the BPE seconds: the gateway answers its probes meanwhile."""
+    if server.backend == "triton":
+        pytest.skip("over Triton the gateway does not tokenise: the llm model does, in Triton's process")
+    slowest, answered, done = [], [], threading.Event()
+
+    def generate() -> None:
+        try:
+            answered.append(httpx.post(f"{server.url}/v1/generate", json={"prompt": "a" * 6000, "max_tokens": 1},
+                                       timeout=120).status_code)
+        finally:
+            done.set()
+
+    with httpx.Client(base_url=server.url, timeout=10) as probe:
+        probe.get("/healthz/live")  # the connection is open before the clock starts
+        thread = threading.Thread(target=generate)
+        thread.start()
+        for _ in range(2000):  # bounded: the generation ends well before
+            if done.wait(0.02):
+                break
+            started = time.perf_counter()
+            assert probe.get("/healthz/live").status_code == 200
+            slowest.append(time.perf_counter() - started)
+    thread.join()
+    assert answered == [200]
+    assert len(slowest) >= 10, "the prompt was tokenised too fast for the check to mean anything"
+    assert max(slowest) < 0.1, f"/healthz/live took {max(slowest):.3f} s while a prompt was tokenised"
+
+
+def test_a_prompt_over_the_character_limit_is_413_before_tokenising(client):
+    started = time.perf_counter()
+    r = client.post("/v1/generate", json={"prompt": "a" * 40_000, "max_tokens": 1})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "prompt", r.text
+    assert "32768" in r.json()["error"]["message"] and time.perf_counter() - started < 2
