@@ -104,7 +104,9 @@ class Operations:
         if request.max_tokens > self.limits.max_new_tokens:
             raise InvalidArgument(f"max_tokens exceeds this service's limit of {self.limits.max_new_tokens}",
                                   field="max_tokens")
-        if self._streams[tenant] >= self.limits.max_streams_per_tenant:
+        # On an open service every caller is the one tenant None: there the scheduler's bounded queue
+        # alone admits, as in vLLM or TGI, instead of a per-caller cap on the whole service.
+        if tenant is not None and self._streams[tenant] >= self.limits.max_streams_per_tenant:
             metrics.REJECTIONS.labels(reason="tenant_streams").inc()
             raise TooManyRequests(f"{self._streams[tenant]} generations already in progress for this caller "
                                   f"(limit {self.limits.max_streams_per_tenant})", retry_after=1.0)

@@ -62,7 +62,8 @@ class Backend(Protocol):
         ...
 
     async def models(self) -> list[dict]:
-        """Served models: the cards above, {"id", "task", "ready", "details"}."""
+        """Served models: the cards above, {"id", "task", "ready", "details"}, text models first (OpenAI
+        clients such as guidellm take the first model listed)."""
         ...
 
     async def complete_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None

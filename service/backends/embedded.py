@@ -121,10 +121,9 @@ class EmbeddedBackend:
 
     async def models(self) -> list[dict]:
         image_size = self.image_model.config.image_size if self.image_model else None
-        cards = [memory_card(self.registry is not None), image_card(self.image_model is not None, image_size)]
-        if self.scheduler is not None:
-            cards.append(text_card(self.lm_name, self.scheduler.max_context, self.scheduler.max_batch_size))
-        return cards
+        text = [text_card(self.lm_name, self.scheduler.max_context, self.scheduler.max_batch_size)
+                ] if self.scheduler is not None else []
+        return text + [memory_card(self.registry is not None), image_card(self.image_model is not None, image_size)]
 
     async def generate(self, prompt: str, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
         if self.scheduler is None:

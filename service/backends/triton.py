@@ -196,8 +196,8 @@ class TritonBackend:
         cards = [memory_card(True), image_card(image_size is not None, image_size and int(image_size))]
         parameters = await self._model_parameters(replica, LLM.name) if text else None
         if parameters is not None:
-            cards.append(text_card(parameters.get("served_model_name") or DEFAULT_MODEL_NAME,
-                                   int(parameters["max_context"]), int(parameters["max_running_sequences"])))
+            cards.insert(0, text_card(parameters.get("served_model_name") or DEFAULT_MODEL_NAME,
+                                      int(parameters["max_context"]), int(parameters["max_running_sequences"])))
         return cards
 
     async def _model_parameters(self, replica: Replica, model: str) -> dict[str, str] | None:

@@ -239,7 +239,7 @@ def test_a_full_generation_queue_is_too_many_requests(triton_server):
 def test_models_lists_every_model_ready(triton_server):
     cards = run_scenario(lambda triton: triton.models(), TritonBackend(triton_server.url))
     assert [(c["id"], c["task"], c["ready"]) for c in cards] == [
-        ("associative-memory", "retrieve", True), ("energy-transformer", "image-completion", True),
-        (TEST_LM_NAME, "text-generation", True)]
-    assert cards[2]["details"] == {"context": TEST_LM_CONTEXT,
+        (TEST_LM_NAME, "text-generation", True), ("associative-memory", "retrieve", True),
+        ("energy-transformer", "image-completion", True)]
+    assert cards[0]["details"] == {"context": TEST_LM_CONTEXT,
                                    "running_slots": TEST_LM_LIMITS["max_running_sequences"]}
