@@ -28,6 +28,10 @@ BATCH_ROWS = Histogram(
 RETRIEVE_STEPS = Histogram(
     "amserve_retrieve_steps", "Dynamics steps until convergence or the step limit.", ["model"],
     buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000))
+REPLICATION_LAG = Histogram(
+    "amserve_replication_lag_seconds", "From a write's commit in the shared store to this replica serving it "
+    "(writes this replica applies from the change log: other gateways', or its own when it fell behind).",
+    buckets=LATENCY_BUCKETS)
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 TIME_TO_FIRST_TOKEN = Histogram(
     "amserve_time_to_first_token_seconds", "From request to its first generated token.", ["model"],

@@ -75,6 +75,11 @@ MIGRATIONS = (
         PRIMARY KEY (bank, version)
     );
     """,
+    # When each write committed (Unix seconds), so replicas can tell how far behind they apply it.
+    """
+    ALTER TABLE changes ADD COLUMN committed_at DOUBLE PRECISION NOT NULL
+        DEFAULT extract(epoch FROM clock_timestamp());
+    """,
 )
 # How long a call waits for a pooled connection before answering 503: PostgreSQL away must be a
 # quick, clear refusal, never a hang.
@@ -193,10 +198,11 @@ class PostgresStore:
     def changes(self, record: BankRecord, after: int) -> list[Change]:
         with self._transaction() as conn:
             rows = conn.execute(
-                "SELECT c.version, c.op, c.ids, c.vectors FROM changes c JOIN banks b ON b.name = c.bank "
+                "SELECT c.version, c.op, c.ids, c.vectors, c.committed_at FROM changes c JOIN banks b ON b.name = c.bank "
                 "WHERE c.bank = %s AND b.uid = %s AND c.version > %s ORDER BY c.version",
                 (record.name, record.uid, after)).fetchall()
-        return [Change(version, op, ids, vectors_from(bytes(blob), record.dim)) for version, op, ids, blob in rows]
+        return [Change(version, op, ids, vectors_from(bytes(blob), record.dim), committed_at)
+                for version, op, ids, blob, committed_at in rows]
 
     # ----- writes -----------------------------------------------------------------------------
 

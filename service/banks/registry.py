@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
+from service import metrics
 from service.banks.store import BankRecord, Change, Store
 from service.engines.memory import KINDS, make_engine, normalize_params
 from service.engines.memory.base import MemoryEngine, Retrieval
@@ -176,6 +177,8 @@ class BankRegistry:
         """Apply the store's changes after the bank's version; the caller holds its lock (or owns it)."""
         for change in self.store.changes(bank.record, bank.version):
             bank.apply(change)
+            if change.committed_at is not None:
+                metrics.REPLICATION_LAG.observe(max(0.0, time.time() - change.committed_at))
 
     def _bank(self, name: str, adopt: bool = False) -> Bank:
         """The served bank; with `adopt` (callers off the event loop: it may ask the store), also one

@@ -55,6 +55,7 @@ class Change:
     op: str
     ids: list[str]
     vectors: np.ndarray
+    committed_at: float | None = None  # Unix time of the commit, where the store records it
 
 
 class Store(Protocol):

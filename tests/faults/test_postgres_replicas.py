@@ -13,7 +13,7 @@ import numpy as np
 
 from tests.faults.writers import Writers
 from tests.harness import ServerProcess
-from tests.helpers import wait_until
+from tests.helpers import metric_value, wait_until
 
 DIM = 16
 NO_LM = ["--model", "none"]
@@ -80,6 +80,10 @@ def test_a_write_through_one_gateway_is_read_through_another(tmp_path, postgres_
         assert after.json()["results"][0]["nearest"]["id"] == "y"
         info_a, info_b = through_a.get("/v1/banks/shared").json(), through_b.get("/v1/banks/shared").json()
         assert (info_a["version"], info_a["checksum"], info_a["count"]) == (info_b["version"], info_b["checksum"], 1)
+        # B applied A's writes from the change log and measured how long after their commit.
+        text = through_b.get("/metrics").text
+        applied = metric_value(text, "amserve_replication_lag_seconds_count")
+        assert applied >= 2 and metric_value(text, "amserve_replication_lag_seconds_sum") / applied < 2.0
 
 
 def test_postgresql_stopped_under_load_refuses_writes_and_keeps_reads(tmp_path, postgres, postgres_dsn):
