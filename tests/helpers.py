@@ -80,6 +80,19 @@ def inference_counts(metrics_url: str, model: str) -> tuple[float, float]:
     return counts
 
 
+def settled_inference_counts(metrics_url: str, model: str, at_least: float = 0.0) -> tuple[float, float]:
+    """Triton counts an execution once model.py's execute has returned, which may be just after its
+    responses arrived: read until the count has reached `at_least` and stays put (5 s at most)."""
+    last = None
+    for _ in range(100):
+        now = inference_counts(metrics_url, model)
+        if now == last and now[0] >= at_least:
+            return now
+        last = now
+        time.sleep(0.05)
+    return last
+
+
 # ----- processes ------------------------------------------------------------------------------
 
 

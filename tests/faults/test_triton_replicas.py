@@ -41,7 +41,8 @@ def test_reads_survive_a_replica_killed_under_load(tmp_path, postgres_dsn):
                 read = client.post("/v1/banks/load/retrieve", json={"queries": [[1.0] * DIM],
                                                                     "min_version": seed["version"]})
                 assert read.status_code == 200 and read.json()["results"][0]["nearest"]["id"] == "seed"
-            assert all(inference_counts(r.metrics_url, "associative_memory")[0] > 0 for r in (first, second)), \
+            assert wait_until(lambda: all(inference_counts(r.metrics_url, "associative_memory")[0] > 0
+                                          for r in (first, second)), timeout=5), \
                 "reads did not spread over both replicas"
 
             with Writers(gateway.url, "load", DIM, clients=2, timeout=15) as writers, \

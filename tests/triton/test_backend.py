@@ -18,7 +18,7 @@ from service.banks.store import SQLiteStore
 from service.engines.lm import SamplingParams
 from service.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Overloaded, Unavailable
 from service.triton.launcher import free_port
-from tests.helpers import inference_counts, outcome, run_scenario
+from tests.helpers import outcome, run_scenario, settled_inference_counts
 from tests.triton.fixtures import MEMORY_ONLY, launch
 
 pytestmark = pytest.mark.triton
@@ -132,10 +132,10 @@ def test_concurrent_retrieves_share_executions(triton_server):
         await triton.create_bank(bank, "modern", DIM, {"beta": 4.0})
         await triton.store(bank, patterns, [f"p{i}" for i in range(8)])
         alone = [await triton.run_memory(bank, q[None], None, DynamicsOptions()) for q in queries[:8]]
-        before = inference_counts(triton_server.metrics_url, "associative_memory")
+        before = settled_inference_counts(triton_server.metrics_url, "associative_memory")
         together = await asyncio.gather(*(triton.run_memory(bank, q[None], None, DynamicsOptions())
                                           for q in queries))
-        after = inference_counts(triton_server.metrics_url, "associative_memory")
+        after = settled_inference_counts(triton_server.metrics_url, "associative_memory", before[0] + concurrent)
         await triton.delete_bank(bank)
         return alone, together, before, after
 

@@ -21,7 +21,7 @@ from service.errors import InvalidArgument, TooManyRequests, Unavailable
 from service.triton.export import export
 from service.triton.launcher import TritonServer
 from service.triton.spec import ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER
-from tests.helpers import inference_counts, outcome, run_scenario
+from tests.helpers import outcome, run_scenario, settled_inference_counts
 from tests.triton.fixtures import TEST_LM_CONTEXT, TEST_LM_LIMITS, TEST_LM_NAME, export_for_tests
 
 pytestmark = pytest.mark.triton
@@ -77,24 +77,12 @@ def test_concurrent_completions_share_executions(triton_server):
     concurrent = 32
     pixels, missing = digits(concurrent, seed=1)
 
-    async def counts(at_least: float = 0.0) -> tuple[float, float]:
-        """Triton counts an execution once model.py's execute has returned, which may be just after
-        its responses arrived here: read until the count has reached `at_least` and stays put."""
-        last = None
-        for _ in range(100):
-            now = inference_counts(triton_server.metrics_url, "energy_transformer")
-            if now == last and now[0] >= at_least:
-                return now
-            last = now
-            await asyncio.sleep(0.05)
-        return last
-
     async def scenario(triton: TritonBackend):
         alone = [await triton.complete_image(pixels[i], missing[i], None) for i in range(4)]
-        before = await counts()
+        before = settled_inference_counts(triton_server.metrics_url, "energy_transformer")
         together = await asyncio.gather(*(triton.complete_image(pixels[i], missing[i], None)
                                           for i in range(concurrent)))
-        after = await counts(at_least=before[0] + concurrent)
+        after = settled_inference_counts(triton_server.metrics_url, "energy_transformer", before[0] + concurrent)
         return alone, together, before, after
 
     alone, together, before, after = run_scenario(scenario, TritonBackend(triton_server.url))
