@@ -29,7 +29,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from service.banks.store import BankRecord, Change, check_new_patterns, vector_bytes, vectors_from
+from service.banks.store import BankRecord, Change, check_new_patterns, patterns_chunk, vector_bytes, vectors_from
 from service.errors import AlreadyExists, InvalidArgument, NotFound, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -192,13 +192,14 @@ class PostgresStore:
                 cursor = conn.cursor(name="snapshot")
                 cursor.execute("SELECT id, vector FROM patterns WHERE bank = %s ORDER BY seq", (record.name,))
                 while part := cursor.fetchmany(chunk):
-                    yield [pid for pid, _ in part], vectors_from(b"".join(bytes(v) for _, v in part), record.dim)
+                    yield patterns_chunk(part, record.dim)
         return row[0], chunks()
 
     def changes(self, record: BankRecord, after: int) -> list[Change]:
         with self._transaction() as conn:
             rows = conn.execute(
-                "SELECT c.version, c.op, c.ids, c.vectors, c.committed_at FROM changes c JOIN banks b ON b.name = c.bank "
+                "SELECT c.version, c.op, c.ids, c.vectors, c.committed_at "
+                "FROM changes c JOIN banks b ON b.name = c.bank "
                 "WHERE c.bank = %s AND b.uid = %s AND c.version > %s ORDER BY c.version",
                 (record.name, record.uid, after)).fetchall()
         return [Change(version, op, ids, vectors_from(bytes(blob), record.dim), committed_at)

@@ -169,7 +169,7 @@ class BankRegistry:
         bank = Bank(record, make_engine(record.kind, record.dim, record.params, self.device))
         bank.version, chunks = self.store.snapshot(record)
         for ids, matrix in chunks:
-            bank.append(ids, torch.from_numpy(matrix.copy()))
+            bank.append(ids, _tensor(matrix))
         self._catch_up(bank)
         return bank
 

@@ -118,6 +118,11 @@ def vectors_from(blob: bytes, dim: int) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.float32).reshape(-1, dim)
 
 
+def patterns_chunk(rows: list[tuple[str, bytes]], dim: int) -> tuple[list[str], np.ndarray]:
+    """(ids, K×D float32) of fetched (id, vector) rows: one chunk of a snapshot."""
+    return [pid for pid, _ in rows], vectors_from(b"".join(bytes(vector) for _, vector in rows), dim)
+
+
 def check_new_patterns(ids: list[str], vectors: np.ndarray, stored: dict[str, bytes]) -> list[int]:
     """Indices of the patterns to insert given the vectors already `stored` under some of the ids:
     the same vector again is an idempotent retry, another one a Conflict naming ids[i]."""
@@ -260,7 +265,7 @@ class SQLiteStore:
             try:
                 cursor = reader.execute("SELECT id, vector FROM patterns WHERE bank = ? ORDER BY seq", (record.name,))
                 while part := cursor.fetchmany(chunk):
-                    yield [pid for pid, _ in part], vectors_from(b"".join(v for _, v in part), record.dim)
+                    yield patterns_chunk(part, record.dim)
             finally:
                 reader.close()
         return row[0], chunks()
