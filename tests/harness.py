@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from service.triton.launcher import end_processes, free_port, terminate_with_parent
-from tests.helpers import processes_with_environment, wait_until
+from tests.helpers import processes_with_environment, running, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: tests and benchmarks run from it
 # Set to a fresh value in each server's environment, so that the server's descendants (with the triton
@@ -74,9 +74,16 @@ class ServerProcess:
         """Send `sig` to the server and wait for it to exit, then end every process it left behind;
         returns the server's exit code."""
         assert self.proc is not None
+        # Every process once seen counts until it is gone: one that is exiting (Triton on its
+        # parent-death signal, say) may no longer show its environment, and so its marker.
+        seen = set(self.descendants())
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout=60)
-        end_processes(self.descendants, STOP_GRACE_SECONDS)
+
+        def members() -> list[int]:
+            seen.update(self.descendants())
+            return [pid for pid in seen if running(pid)]
+        end_processes(members, STOP_GRACE_SECONDS)
         self.log.close()
         return code
 
