@@ -189,7 +189,7 @@ class Operations:
         steps = metrics.RETRIEVE_STEPS.labels("associative_memory")
         for count in results.steps.tolist():
             steps.observe(count)
-        return schemas.RetrieveResponse.from_results(results)
+        return schemas.RetrieveResponse.from_results(results, request.encoding_format)
 
     def _check_vector_count(self, vectors: list, field: str) -> None:
         if len(vectors) > self.limits.max_vectors:

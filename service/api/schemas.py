@@ -8,9 +8,13 @@ backends' columns here, and only here become Python lists.
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+import numpy as np
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler,
+                      WithJsonSchema, field_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.banks.registry import BankInfo, MemoryResults
 from service.engines.memory.base import MAX_DIM
@@ -18,6 +22,15 @@ from service.serving.scheduler import Usage
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Vector = Annotated[list[Finite], Field(min_length=1)]
+# After validation: a list of float rows, or (encoding_format base64) the decoded N×D float32 matrix;
+# the operations take either with np.asarray.
+Vectors = Annotated[list[Vector], Field(min_length=1), WithJsonSchema({
+    "type": "array", "minItems": 1, "items": {"anyOf": [
+        {"type": "array", "items": {"type": "number"}, "minItems": 1},
+        {"type": "string", "contentEncoding": "base64",
+         "description": "little-endian float32 values, with encoding_format base64"}]}}, mode="validation")]
+EncodingFormat = Annotated[Literal["float", "base64"], Field(
+    description="base64: each vector, and each state in the answer, is a base64 string of little-endian float32")]
 BankName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 
 
@@ -32,6 +45,46 @@ def check_matrix(rows: list[list[Any]]) -> list[list[Any]]:
         if len(row) != width:
             raise ValueError(f"row {i} has {len(row)} values, row 0 has {width} (ragged array)")
     return rows
+
+
+def vectors_as_encoded(rows: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+    """A wrap validator: the vectors in the request's encoding_format (a field declared before them)."""
+    if info.data.get("encoding_format") == "base64":
+        return base64_matrix(rows)
+    return check_matrix(handler(rows))
+
+
+def base64_matrix(rows: Any) -> np.ndarray:
+    """Base64 strings of little-endian float32, one per vector, decoded straight into one N×D float32
+    matrix; a bad row is a validation error at its index."""
+    if not isinstance(rows, list) or not rows:
+        raise PydanticCustomError("base64_vectors", "must be a non-empty array of base64 strings")
+    decoded: list[bytes] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, str):
+            raise row_error(i, row, "must be a base64 string (encoding_format is base64)")
+        try:
+            data = base64.b64decode(row, validate=True)
+        except ValueError as exc:  # binascii.Error, or a non-ASCII string
+            raise row_error(i, row, f"invalid base64 ({exc})") from None
+        if not data or len(data) % 4:
+            raise row_error(i, row, f"{len(data)} bytes is not a whole, non-zero number of float32 values")
+        if decoded and len(data) != len(decoded[0]):
+            raise row_error(i, row, f"{len(data) // 4} values, row 0 has {len(decoded[0]) // 4} (ragged array)")
+        decoded.append(data)
+    # bytearray: a writable buffer, as the float path's arrays are
+    matrix = np.frombuffer(bytearray().join(decoded), dtype="<f4").reshape(len(decoded), -1)
+    finite = np.isfinite(matrix).all(axis=1)
+    if not finite.all():
+        first = int(np.argmin(finite))
+        raise row_error(first, rows[first], "values must be finite (no NaN or infinity)")
+    return matrix.astype(np.float32, copy=False)
+
+
+def row_error(index: int, row: Any, reason: str) -> ValidationError:
+    """A validation error located at row `index` of the field being validated."""
+    return ValidationError.from_exception_data("vectors", [InitErrorDetails(
+        type=PydanticCustomError("base64_vector", "{reason}", {"reason": reason}), loc=(index,), input=row)])
 
 
 def shaped_like(other: str):
@@ -55,10 +108,11 @@ class BankList(BaseModel):
 
 
 class StoreRequest(Strict):
-    patterns: list[Vector] = Field(min_length=1)
+    encoding_format: EncodingFormat = "float"  # before the vectors: their validator reads it
+    patterns: Vectors
     ids: list[str] | None = None
 
-    _rectangular = field_validator("patterns")(check_matrix)
+    _vectors = field_validator("patterns", mode="wrap")(vectors_as_encoded)
 
 
 class StoreResponse(BaseModel):
@@ -72,7 +126,8 @@ class DeletePatternResponse(BaseModel):
 
 
 class DynamicsRequest(Strict):
-    queries: list[Vector] = Field(min_length=1)
+    encoding_format: EncodingFormat = "float"  # before the vectors: their validator reads it
+    queries: Vectors
     steps: int | None = Field(default=None, ge=1, le=10_000)
     step_size: float | None = Field(default=None, gt=0, le=1e3, allow_inf_nan=False)
     tolerance: float | None = Field(default=None, gt=0, le=1e3, allow_inf_nan=False)
@@ -80,7 +135,7 @@ class DynamicsRequest(Strict):
     min_version: int | None = Field(default=None, ge=0, lt=2**63,
                                     description="answer only from bank state at this version or later")
 
-    _rectangular = field_validator("queries")(check_matrix)
+    _vectors = field_validator("queries", mode="wrap")(vectors_as_encoded)
 
 
 class RetrieveRequest(DynamicsRequest):
@@ -99,7 +154,7 @@ class Nearest(BaseModel):
 
 
 class MemoryResult(BaseModel):
-    state: list[float]
+    state: list[float] | str = Field(description="base64 of little-endian float32 with encoding_format base64")
     energy: float
     steps: int
     converged: bool
@@ -111,8 +166,12 @@ class RetrieveResponse(BaseModel):
     results: list[MemoryResult]
 
     @classmethod
-    def from_results(cls, results: MemoryResults) -> RetrieveResponse:
+    def from_results(cls, results: MemoryResults, encoding_format: str = "float") -> RetrieveResponse:
         """The response for a backend's columns, built without re-validating what the engine made."""
+        if encoding_format == "base64":
+            states = [base64.b64encode(row).decode("ascii") for row in np.ascontiguousarray(results.states, "<f4")]
+        else:
+            states = results.states.tolist()
         nearest = [None if pid is None else Nearest.model_construct(id=pid, similarity=similarity)
                    for pid, similarity in zip(results.nearest, results.similarity.tolist())]
         steps = results.steps.tolist()
@@ -122,7 +181,7 @@ class RetrieveResponse(BaseModel):
             MemoryResult.model_construct(state=state, energy=energy, steps=count, converged=converged,
                                          nearest=near, trace=trace)
             for state, energy, count, converged, near, trace in zip(
-                results.states.tolist(), results.energy.tolist(), steps, results.converged.tolist(), nearest,
+                states, results.energy.tolist(), steps, results.converged.tolist(), nearest,
                 traces)])
 
 
