@@ -71,8 +71,13 @@ class AmserveServicer(pb_grpc.AmserveServicer):
                 raise validation_error(exc) from exc
         except errors.ServiceError as exc:
             status = grpc_code(exc)
+            # the envelope's code and field as trailers: one gRPC status stands for several of them
+            trailers = [("amserve-error-code", exc.code)]
+            if exc.field and exc.field.isascii():
+                trailers.append(("amserve-error-field", exc.field))
             if (seconds := getattr(exc, "retry_after", None)) is not None:
-                context.set_trailing_metadata((("retry-after", str(max(1, round(seconds)))),))
+                trailers.append(("retry-after", str(max(1, round(seconds)))))
+            context.set_trailing_metadata(tuple(trailers))
             message = f"{exc.field}: {exc.message}" if exc.field and not exc.message.startswith(exc.field) else exc.message
             await context.abort(status, message)
         finally:

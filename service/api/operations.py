@@ -60,7 +60,9 @@ class Operations:
         return visible(await self.backend.bank_info(qualified(tenant, bank)))
 
     async def delete_bank(self, tenant: str | None, bank: str) -> None:
-        await self.backend.delete_bank(qualified(tenant, bank))
+        name = qualified(tenant, bank)
+        await self.backend.delete_bank(name)
+        self._writes.forget(name)  # a bank created again under this name starts again from version 0
 
     async def store(self, tenant: str | None, bank: str, request: schemas.StoreRequest) -> schemas.StoreResponse:
         name = qualified(tenant, bank)
@@ -213,6 +215,9 @@ class RecentWrites:
             self._latest = {b: entry for b, entry in self._latest.items() if now - entry[1] < self.window}
         previous = self._latest.get(bank, (0, 0.0))[0]
         self._latest[bank] = (max(version, previous), now)
+
+    def forget(self, bank: str) -> None:
+        self._latest.pop(bank, None)
 
     def version(self, bank: str) -> int:
         version, when = self._latest.get(bank, (0, 0.0))

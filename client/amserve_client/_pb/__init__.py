@@ -1,0 +1,1 @@
+"""Generated from proto/ by service.api.protos; not edited by hand."""

@@ -1,0 +1,292 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Vector(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Mask(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, values: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class CreateBankRequest(_message.Message):
+    __slots__ = ("bank", "kind", "dim", "params")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    kind: str
+    dim: int
+    params: _struct_pb2.Struct
+    def __init__(self, bank: _Optional[str] = ..., kind: _Optional[str] = ..., dim: _Optional[int] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class BankInfo(_message.Message):
+    __slots__ = ("name", "kind", "dim", "params", "count", "bytes", "version", "checksum")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    dim: int
+    params: _struct_pb2.Struct
+    count: int
+    bytes: int
+    version: int
+    checksum: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., dim: _Optional[int] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., count: _Optional[int] = ..., bytes: _Optional[int] = ..., version: _Optional[int] = ..., checksum: _Optional[str] = ...) -> None: ...
+
+class ListBanksRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListBanksResponse(_message.Message):
+    __slots__ = ("banks",)
+    BANKS_FIELD_NUMBER: _ClassVar[int]
+    banks: _containers.RepeatedCompositeFieldContainer[BankInfo]
+    def __init__(self, banks: _Optional[_Iterable[_Union[BankInfo, _Mapping]]] = ...) -> None: ...
+
+class GetBankRequest(_message.Message):
+    __slots__ = ("bank",)
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    def __init__(self, bank: _Optional[str] = ...) -> None: ...
+
+class DeleteBankRequest(_message.Message):
+    __slots__ = ("bank",)
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    def __init__(self, bank: _Optional[str] = ...) -> None: ...
+
+class DeleteBankResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StoreRequest(_message.Message):
+    __slots__ = ("bank", "patterns", "ids")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    PATTERNS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    patterns: _containers.RepeatedCompositeFieldContainer[Vector]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bank: _Optional[str] = ..., patterns: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StoreResponse(_message.Message):
+    __slots__ = ("ids", "count", "version")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    count: int
+    version: int
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., count: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class DeletePatternRequest(_message.Message):
+    __slots__ = ("bank", "id")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    id: str
+    def __init__(self, bank: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+
+class DeletePatternResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class RetrieveRequest(_message.Message):
+    __slots__ = ("bank", "queries", "steps", "step_size", "tolerance", "trace", "min_version")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    queries: _containers.RepeatedCompositeFieldContainer[Vector]
+    steps: int
+    step_size: float
+    tolerance: float
+    trace: bool
+    min_version: int
+    def __init__(self, bank: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., steps: _Optional[int] = ..., step_size: _Optional[float] = ..., tolerance: _Optional[float] = ..., trace: _Optional[bool] = ..., min_version: _Optional[int] = ...) -> None: ...
+
+class CompleteRequest(_message.Message):
+    __slots__ = ("bank", "queries", "steps", "step_size", "tolerance", "trace", "mask", "min_version")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    queries: _containers.RepeatedCompositeFieldContainer[Vector]
+    steps: int
+    step_size: float
+    tolerance: float
+    trace: bool
+    mask: _containers.RepeatedCompositeFieldContainer[Mask]
+    min_version: int
+    def __init__(self, bank: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., steps: _Optional[int] = ..., step_size: _Optional[float] = ..., tolerance: _Optional[float] = ..., trace: _Optional[bool] = ..., mask: _Optional[_Iterable[_Union[Mask, _Mapping]]] = ..., min_version: _Optional[int] = ...) -> None: ...
+
+class Nearest(_message.Message):
+    __slots__ = ("id", "similarity")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    similarity: float
+    def __init__(self, id: _Optional[str] = ..., similarity: _Optional[float] = ...) -> None: ...
+
+class MemoryResult(_message.Message):
+    __slots__ = ("state", "energy", "steps", "converged", "nearest", "trace")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    state: _containers.RepeatedScalarFieldContainer[float]
+    energy: float
+    steps: int
+    converged: bool
+    nearest: Nearest
+    trace: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, state: _Optional[_Iterable[float]] = ..., energy: _Optional[float] = ..., steps: _Optional[int] = ..., converged: _Optional[bool] = ..., nearest: _Optional[_Union[Nearest, _Mapping]] = ..., trace: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class RetrieveResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[MemoryResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[MemoryResult, _Mapping]]] = ...) -> None: ...
+
+class CompleteImageRequest(_message.Message):
+    __slots__ = ("model", "image", "mask", "steps")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image: _containers.RepeatedCompositeFieldContainer[Vector]
+    mask: _containers.RepeatedCompositeFieldContainer[Mask]
+    steps: int
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., mask: _Optional[_Iterable[_Union[Mask, _Mapping]]] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class CompleteImageResponse(_message.Message):
+    __slots__ = ("model", "image", "energy_trace")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_TRACE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image: _containers.RepeatedCompositeFieldContainer[Vector]
+    energy_trace: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., energy_trace: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelCard(_message.Message):
+    __slots__ = ("id", "task", "ready", "details")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    task: str
+    ready: bool
+    details: _struct_pb2.Struct
+    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., ready: _Optional[bool] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelCard]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelCard, _Mapping]]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "logprobs", "timeout")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    logprobs: int
+    timeout: float
+    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[int] = ..., timeout: _Optional[float] = ...) -> None: ...
+
+class Alternative(_message.Message):
+    __slots__ = ("token", "token_id", "logprob")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    token_id: int
+    logprob: float
+    def __init__(self, token: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token", "token_id", "logprob", "top")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    token_id: int
+    logprob: float
+    top: _containers.RepeatedCompositeFieldContainer[Alternative]
+    def __init__(self, token: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[Alternative, _Mapping]]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerateChunk(_message.Message):
+    __slots__ = ("text", "token_id", "logprobs", "finish_reason", "usage")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_id: int
+    logprobs: TokenLogprob
+    finish_reason: str
+    usage: Usage
+    def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ..., logprobs: _Optional[_Union[TokenLogprob, _Mapping]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
