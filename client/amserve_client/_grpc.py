@@ -14,8 +14,8 @@ from google.protobuf import json_format, message, struct_pb2
 from amserve_client._pb import amserve_pb2 as pb
 from amserve_client._pb import amserve_pb2_grpc as pb_grpc
 from amserve_client.errors import grpc_errors
-from amserve_client.types import (Alternative, Bank, Chunk, Generation, ImageCompletion, MemoryResult, Model, Nearest, Stored,
-                                  TokenLogprob, Usage)
+from amserve_client.types import (Alternative, Bank, Chunk, Generation, ImageCompletion, MemoryResult, Model, Nearest,
+                                  Stored, TokenLogprob, Usage)
 
 
 @dataclass(frozen=True)

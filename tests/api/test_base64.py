@@ -24,7 +24,8 @@ def bank(client, bank_name):
     """A modern bank of 5 random 6-dim patterns (ids p0…p4) and the patterns as float32."""
     create(client, bank_name, "modern", 6, beta=4.0)
     patterns = np.random.default_rng(7).standard_normal((5, 6)).astype(np.float32)
-    r = client.post(f"/v1/banks/{bank_name}/store", json={"patterns": patterns.tolist(), "ids": [f"p{i}" for i in range(5)]})
+    ids = [f"p{i}" for i in range(5)]
+    r = client.post(f"/v1/banks/{bank_name}/store", json={"patterns": patterns.tolist(), "ids": ids})
     assert r.status_code == 200, r.text
     return bank_name, patterns
 

@@ -58,11 +58,12 @@ def test_async_operations_answer_as_the_blocking_client(server, transport, bank_
         assert [(m.id, m.task) for m in models] == [(m.id, m.task) for m in blocking.models()]
         assert generation == blocking.generate(PROMPT, max_tokens=5, temperature=0)
         blocking.delete_bank(bank_name)
-    for [got], want in zip(retrieved, expected):  # the concurrent ones ran batched: equal to float32 rounding
+    # the concurrent retrieves ran batched together: equal up to float32 rounding
+    for [got], want in zip(retrieved, expected, strict=True):
         np.testing.assert_allclose(got.state, want.state, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.trace, want.trace, rtol=1e-5)
         assert (got.steps, got.nearest.id) == (want.steps, want.nearest.id)
-    for got, want in zip(completed, expected_completed):
+    for got, want in zip(completed, expected_completed, strict=True):
         np.testing.assert_array_equal(got.state, want.state)
     np.testing.assert_array_equal(image.image, expected_image.image)
     assert "".join(c.text for c in chunks) == generation.text

@@ -21,9 +21,11 @@ PROMPT = "The capital of France is"
 @pytest.fixture()
 def bank(client, bank_name):
     """A modern bank of 6 random 8-dim patterns stored through the raw API, and the patterns."""
-    assert client.put(f"/v1/banks/{bank_name}", json={"kind": "modern", "dim": 8, "params": {"beta": 4.0}}).status_code == 201
+    created = client.put(f"/v1/banks/{bank_name}", json={"kind": "modern", "dim": 8, "params": {"beta": 4.0}})
+    assert created.status_code == 201, created.text
     patterns = np.random.default_rng(3).standard_normal((6, 8)).astype(np.float32)
-    r = client.post(f"/v1/banks/{bank_name}/store", json={"patterns": patterns.tolist(), "ids": [f"p{i}" for i in range(6)]})
+    ids = [f"p{i}" for i in range(6)]
+    r = client.post(f"/v1/banks/{bank_name}/store", json={"patterns": patterns.tolist(), "ids": ids})
     assert r.status_code == 200, r.text
     return bank_name, patterns
 
@@ -31,7 +33,7 @@ def bank(client, bank_name):
 def assert_same_results(results, raw: dict) -> None:
     """SDK results equal the raw JSON answer: states to the float32 bit, every other field exactly."""
     assert len(results) == len(raw["results"])
-    for result, expected in zip(results, raw["results"]):
+    for result, expected in zip(results, raw["results"], strict=True):
         assert result.state.dtype == np.float32
         np.testing.assert_array_equal(result.state, np.asarray(expected["state"], dtype=np.float32))
         assert (result.energy, result.steps, result.converged) == (expected["energy"], expected["steps"],
@@ -77,7 +79,8 @@ def test_store_and_delete_pattern(sdk, client, bank_name):
     # the patterns stored are the float32 values given: the same bytes as storing them through the raw API
     twin = bank_name[:40] + "-raw"
     client.put(f"/v1/banks/{twin}", json={"kind": "modern", "dim": 4})
-    client.post(f"/v1/banks/{twin}/store", json={"patterns": [[0, 1, 0, 0], [0, 0, 1, 0]], "ids": ["b", generated.ids[0]]})
+    client.post(f"/v1/banks/{twin}/store",
+                json={"patterns": [[0, 1, 0, 0], [0, 0, 1, 0]], "ids": ["b", generated.ids[0]]})
     assert sdk.get_bank(bank_name).checksum == client.get(f"/v1/banks/{twin}").json()["checksum"]
     client.delete(f"/v1/banks/{twin}")
 
@@ -85,7 +88,8 @@ def test_store_and_delete_pattern(sdk, client, bank_name):
 def test_retrieve_equals_the_http_api(sdk, client, bank):
     name, patterns = bank
     queries = (patterns[:3] + np.float32(0.4) * np.random.default_rng(4).standard_normal((3, 8))).astype(np.float32)
-    raw = client.post(f"/v1/banks/{name}/retrieve", json={"queries": queries.tolist(), "steps": 5, "trace": True}).json()
+    raw = client.post(f"/v1/banks/{name}/retrieve",
+                      json={"queries": queries.tolist(), "steps": 5, "trace": True}).json()
     assert_same_results(sdk.retrieve(name, queries, steps=5, trace=True), raw)
     raw = client.post(f"/v1/banks/{name}/retrieve", json={"queries": [queries[1].tolist()], "step_size": 0.5,
                                                           "tolerance": 1e-3, "min_version": 1}).json()
@@ -114,14 +118,14 @@ def test_rest_sends_base64_by_default_and_floats_on_request(server, bank):
     def record(request: httpx.Request) -> None:
         bodies.append(json.loads(request.content))
     answers = []
-    for encoding_format in ("base64", "float"):
-        with httpx.Client(event_hooks={"request": [record]}) as http, Client(
-                server.url, http_client=http, **({} if encoding_format == "base64" else {"encoding_format": "float"})) as sdk:
+    for options in ({}, {"encoding_format": "float"}):  # the default, then floats
+        with httpx.Client(event_hooks={"request": [record]}) as http, Client(server.url, http_client=http,
+                                                                             **options) as sdk:
             answers.append(sdk.retrieve(name, patterns[:2], steps=3))
     packed, plain = bodies
     assert packed["encoding_format"] == "base64" and all(isinstance(q, str) for q in packed["queries"])
     assert "encoding_format" not in plain and plain["queries"] == patterns[:2].tolist()
-    for a, b in zip(*answers):
+    for a, b in zip(*answers, strict=True):
         np.testing.assert_array_equal(a.state, b.state)
 
 
