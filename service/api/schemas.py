@@ -9,6 +9,7 @@ backends' columns here, and only here become Python lists.
 from __future__ import annotations
 
 import base64
+import binascii
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -64,7 +65,7 @@ def base64_matrix(rows: Any) -> np.ndarray:
         if not isinstance(row, str):
             raise row_error(i, row, "must be a base64 string (encoding_format is base64)")
         try:
-            data = base64.b64decode(row, validate=True)
+            data = binascii.a2b_base64(row, strict_mode=True)
         except ValueError as exc:  # binascii.Error, or a non-ASCII string
             raise row_error(i, row, f"invalid base64 ({exc})") from None
         if not data or len(data) % 4:
@@ -74,9 +75,8 @@ def base64_matrix(rows: Any) -> np.ndarray:
         decoded.append(data)
     # bytearray: a writable buffer, as the float path's arrays are
     matrix = np.frombuffer(bytearray().join(decoded), dtype="<f4").reshape(len(decoded), -1)
-    finite = np.isfinite(matrix).all(axis=1)
-    if not finite.all():
-        first = int(np.argmin(finite))
+    if not np.isfinite(matrix).all():
+        first = int(np.argmin(np.isfinite(matrix).all(axis=1)))
         raise row_error(first, rows[first], "values must be finite (no NaN or infinity)")
     return matrix.astype(np.float32, copy=False)
 
