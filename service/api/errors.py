@@ -7,7 +7,24 @@ from pydantic import ValidationError
 
 from service import errors
 
+
+class MalformedBody(errors.InvalidArgument):
+    """A body that cannot be read at all (not JSON, not UTF-8): 400, where a readable but invalid one is 422."""
+
+
+class MethodNotAllowed(errors.ServiceError):
+    """A path that exists, asked with a method it does not take: 405, naming the ones it takes in Allow."""
+
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: list[str]):
+        super().__init__(message)
+        self.allow = allow
+
+
 HTTP_STATUS: dict[type[errors.ServiceError], int] = {
+    MalformedBody: 400,
+    MethodNotAllowed: 405,
     errors.InvalidArgument: 422,
     errors.Unauthenticated: 401,
     errors.NotFound: 404,
@@ -65,8 +82,8 @@ def from_validation(errs: list[dict]) -> errors.InvalidArgument:
     """The first validation problem, naming its field, as the one error the client sees."""
     first = errs[0]
     if first.get("type") == "json_invalid":
-        return errors.InvalidArgument(f"body: invalid JSON ({first.get('ctx', {}).get('error', 'decode error')})",
-                                      field="body")
+        return MalformedBody(f"body: invalid JSON ({first.get('ctx', {}).get('error', 'decode error')})",
+                             field="body")
     field = field_path(tuple(first.get("loc", ())))
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     return errors.InvalidArgument(f"{field}: {message}", field=field)

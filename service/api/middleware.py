@@ -12,14 +12,16 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors, metrics
-from service.api.errors import error_body, http_status, retry_after
+from service.api.errors import MethodNotAllowed, error_body, http_status, retry_after
 
 PROBES = ("/metrics", "/healthz/live", "/healthz/ready")
 
 
 def error_response(exc: errors.ServiceError) -> JSONResponse:
-    """The error envelope with its status, Retry-After and WWW-Authenticate headers."""
+    """The error envelope with its status, Retry-After, WWW-Authenticate and Allow headers."""
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, errors.Unauthenticated) else {}
+    if isinstance(exc, MethodNotAllowed):
+        headers["Allow"] = ", ".join(exc.allow)
     if (seconds := retry_after(exc)) is not None:
         headers["Retry-After"] = str(max(1, round(seconds)))
     return JSONResponse(error_body(exc), status_code=http_status(exc), headers=headers)

@@ -10,24 +10,66 @@ import asyncio
 import contextlib
 import json
 import uuid
+from http import HTTPStatus
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount
 
 from service import __version__, errors, metrics
-from service.api import schemas
+from service.api import docs, schemas
 from service.api.auth import ApiKeys
-from service.api.errors import from_validation
+from service.api.errors import MalformedBody, MethodNotAllowed, from_validation
 from service.api.middleware import AdmissionLimit, BodyLimit, Measured, error_response
 from service.api.operations import Operations
-from service.banks.registry import BankInfo
+from service.banks.registry import BANK_NAME, BankInfo
 
 VERSION_HEADER = "Amserve-Bank-Version"
-ERRORS = {status: {"model": schemas.ErrorResponse} for status in (401, 404, 409, 413, 422, 429, 503)}
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+BankPath = Annotated[str, Path(pattern=f"^{BANK_NAME.pattern}$")]
+
+
+# ----- the OpenAPI document -------------------------------------------------------------------
+
+ERROR_MEANINGS = {
+    400: "The body is not readable JSON.",
+    401: "No valid API key (on a service with API keys).",
+    404: "No such bank, pattern or model.",
+    409: "The bank exists already, an id is stored with another vector, or the bank has no patterns.",
+    413: "The body, or the prompt, is over the service's limit.",
+    422: "Invalid input; `field` names it.",
+    429: "Too many generations in progress or waiting; retry after Retry-After seconds.",
+    503: "Overloaded, or a dependency unavailable; retry after Retry-After seconds.",
+}
+WITH_BODY = (400, 413, 422)  # what any route reading a JSON body can answer
+
+
+def answers(*statuses: int) -> dict:
+    """The error statuses a route can answer, each in the error envelope."""
+    return {status: {"model": schemas.ErrorResponse, "description": ERROR_MEANINGS[status]} for status in statuses}
+
+
+def links(*operation_ids: str, **parameters: str) -> dict:
+    """OpenAPI links from an answer to the operations it leads to (clients and the stateful fuzzer follow them)."""
+    return {op: {"operationId": op, "parameters": parameters} for op in operation_ids}
+
+
+# By reference where the route's own answers are not JSON (the routes above put it in the components).
+ENVELOPE = {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+SERVER_SENT_EVENTS = {"text/event-stream": {"schema": {
+    "type": "string", "description": "with stream=true: `data: {chunk}` per event, then `data: [DONE]`"}}}
+
+
+def operation_id(route: APIRoute) -> str:
+    """The route's function name: short, stable operation ids for links and generated clients."""
+    return route.name
 
 
 # ----- dependencies ---------------------------------------------------------------------------
@@ -37,14 +79,22 @@ def operations(request: Request) -> Operations:
     return request.app.state.operations
 
 
-def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> str | None:
+# The API key as the OpenAPI document's security scheme (Swagger UI's "Authorize"); not an error when
+# absent: an open service takes none, a service with keys answers 401 itself.
+bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
+                    description="An API key from `amserve keys create`; needed when the service has keys.")
+
+
+def caller(request: Request,
+           credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> str | None:
     """The tenant of the request's API key (None on an open service); 401 without a valid key."""
-    return request.app.state.api_keys.tenant(authorization)
+    return request.app.state.api_keys.tenant(f"Bearer {credentials.credentials}" if credentials else None)
 
 
-def metrics_access(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+def metrics_access(request: Request) -> None:
+    """A key for /metrics only with --protect-metrics: the document declares no scheme for it."""
     if request.app.state.protect_metrics:
-        request.app.state.api_keys.tenant(authorization)
+        request.app.state.api_keys.tenant(request.headers.get("authorization"))
 
 
 Ops = Annotated[Operations, Depends(operations)]
@@ -53,10 +103,12 @@ Caller = Annotated[str | None, Depends(caller)]
 
 # ----- routes ---------------------------------------------------------------------------------
 
+# Every route past the probes needs a key (with keys) and is shed under overload.
+GUARDED = answers(401, 503)
 probes = APIRouter(tags=["probes"])
-banks = APIRouter(prefix="/v1/banks", responses=ERRORS)
-models = APIRouter(tags=["models"], responses=ERRORS)
-generation = APIRouter(tags=["generate"], responses=ERRORS)
+banks = APIRouter(prefix="/v1/banks", responses=GUARDED)
+models = APIRouter(tags=["models"], responses=GUARDED)
+generation = APIRouter(tags=["generate"], responses=GUARDED)
 
 
 @probes.get("/healthz/live")
@@ -64,7 +116,8 @@ async def live() -> dict:
     return {"status": "live"}
 
 
-@probes.get("/healthz/ready")
+@probes.get("/healthz/ready", response_model=schemas.Readiness,
+            responses={503: {"model": schemas.Readiness, "description": "The backend cannot serve."}})
 async def ready(ops: Ops) -> JSONResponse:
     """503 when the backend cannot serve; 200 naming the degraded parts when it serves in part (reads
     go on while the store is away, so the orchestrator should keep sending them)."""
@@ -73,13 +126,17 @@ async def ready(ops: Ops) -> JSONResponse:
     return JSONResponse(body, status_code=200 if is_ready else 503)
 
 
-@probes.get("/metrics", dependencies=[Depends(metrics_access)])
+@probes.get("/metrics", dependencies=[Depends(metrics_access)], response_class=PlainTextResponse,
+            responses={401: {"description": ERROR_MEANINGS[401], "content": {"application/json": ENVELOPE}}},
+            description="Prometheus text format; 401 only with --protect-metrics.")
 async def prometheus() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-@banks.put("/{bank}", status_code=201, response_model=BankInfo, tags=["banks"])
-async def create_bank(bank: str, body: schemas.CreateBank, ops: Ops, tenant: Caller):
+@banks.put("/{bank}", status_code=201, response_model=BankInfo, tags=["banks"], responses={
+    **answers(*WITH_BODY, 409),
+    201: {"links": links("get_bank", "store", "retrieve", "complete", "delete_bank", bank="$response.body#/name")}})
+async def create_bank(bank: BankPath, body: schemas.CreateBank, ops: Ops, tenant: Caller):
     return await ops.create_bank(tenant, bank, body)
 
 
@@ -88,40 +145,46 @@ async def list_banks(ops: Ops, tenant: Caller):
     return await ops.list_banks(tenant)
 
 
-@banks.get("/{bank}", response_model=BankInfo, tags=["banks"])
-async def get_bank(bank: str, ops: Ops, tenant: Caller):
+@banks.get("/{bank}", response_model=BankInfo, tags=["banks"], responses=answers(404, 422))
+async def get_bank(bank: BankPath, ops: Ops, tenant: Caller):
     return await ops.get_bank(tenant, bank)
 
 
-@banks.delete("/{bank}", status_code=204, tags=["banks"])
-async def delete_bank(bank: str, ops: Ops, tenant: Caller) -> Response:
+@banks.delete("/{bank}", status_code=204, tags=["banks"], responses=answers(404, 422))
+async def delete_bank(bank: BankPath, ops: Ops, tenant: Caller) -> Response:
     await ops.delete_bank(tenant, bank)
     return Response(status_code=204)
 
 
-@banks.post("/{bank}/store", response_model=schemas.StoreResponse, tags=["memory"])
-async def store(bank: str, body: schemas.StoreRequest, ops: Ops, tenant: Caller):
+@banks.post("/{bank}/store", response_model=schemas.StoreResponse, tags=["memory"], responses={
+    **answers(*WITH_BODY, 404, 409),
+    200: {"links": links("retrieve", "complete", bank="$request.path.bank")
+          | links("delete_pattern", bank="$request.path.bank", pattern_id="$response.body#/ids/0")}})
+async def store(bank: BankPath, body: schemas.StoreRequest, ops: Ops, tenant: Caller):
     return await ops.store(tenant, bank, body)
 
 
-@banks.delete("/{bank}/patterns/{pattern_id}", status_code=204, tags=["memory"])
-async def delete_pattern(bank: str, pattern_id: str, ops: Ops, tenant: Caller) -> Response:
+@banks.delete("/{bank}/patterns/{pattern_id}", status_code=204, tags=["memory"], responses=answers(404, 422))
+async def delete_pattern(bank: BankPath, pattern_id: str, ops: Ops, tenant: Caller) -> Response:
     """204; the bank's version after the deletion comes in the Amserve-Bank-Version header."""
     deleted = await ops.delete_pattern(tenant, bank, pattern_id)
     return Response(status_code=204, headers={VERSION_HEADER: str(deleted.version)})
 
 
-@banks.post("/{bank}/retrieve", response_model=schemas.RetrieveResponse, tags=["memory"])
-async def retrieve(bank: str, body: schemas.RetrieveRequest, ops: Ops, tenant: Caller):
+@banks.post("/{bank}/retrieve", response_model=schemas.RetrieveResponse, tags=["memory"],
+            responses=answers(*WITH_BODY, 404, 409))
+async def retrieve(bank: BankPath, body: schemas.RetrieveRequest, ops: Ops, tenant: Caller):
     return await ops.retrieve(tenant, bank, body)
 
 
-@banks.post("/{bank}/complete", response_model=schemas.RetrieveResponse, tags=["memory"])
-async def complete(bank: str, body: schemas.CompleteRequest, ops: Ops, tenant: Caller):
+@banks.post("/{bank}/complete", response_model=schemas.RetrieveResponse, tags=["memory"],
+            responses=answers(*WITH_BODY, 404, 409))
+async def complete(bank: BankPath, body: schemas.CompleteRequest, ops: Ops, tenant: Caller):
     return await ops.complete(tenant, bank, body)
 
 
-@models.post("/v1/complete", dependencies=[Depends(caller)], response_model=schemas.CompleteImageResponse)
+@models.post("/v1/complete", dependencies=[Depends(caller)], response_model=schemas.CompleteImageResponse,
+             responses=answers(*WITH_BODY))
 async def complete_image(body: schemas.CompleteImageRequest, ops: Ops):
     return await ops.complete_image(body)
 
@@ -132,6 +195,7 @@ async def list_models(ops: Ops):
 
 
 @generation.post("/v1/generate", response_model=schemas.GenerateResponse,
+                 responses={**answers(*WITH_BODY, 429), 200: {"content": SERVER_SENT_EVENTS}},
                  description="Generate text; with stream=true, Server-Sent Events: one chunk per token, then the "
                              "finish chunk (finish_reason, usage), then [DONE].")
 async def generate(body: schemas.GenerateRequest, request: Request, ops: Ops, tenant: Caller):
@@ -140,7 +204,8 @@ async def generate(body: schemas.GenerateRequest, request: Request, ops: Ops, te
     return await unless_disconnected(request, ops.generate(tenant, body))
 
 
-@generation.post("/v1/completions", description="OpenAI-compatible text completions (streaming too).")
+@generation.post("/v1/completions", description="OpenAI-compatible text completions (streaming too).",
+                 responses={**answers(*WITH_BODY, 404, 429), 200: {"content": SERVER_SENT_EVENTS}})
 async def completions(body: schemas.CompletionsRequest, request: Request, ops: Ops, tenant: Caller):
     await ops.check_lm(body.model)
     if body.stream:
@@ -159,6 +224,34 @@ async def service_error(_: Request, exc: errors.ServiceError) -> JSONResponse:
 
 async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
     return error_response(from_validation(list(exc.errors())))
+
+
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """What FastAPI and Starlette raise themselves, in the same envelope: a body FastAPI cannot read,
+    a path no route has, a method the path does not take."""
+    if exc.status_code == 400:
+        return error_response(MalformedBody(f"body: not readable ({exc.__cause__ or exc.detail})", field="body"))
+    if exc.status_code == 404:
+        return error_response(errors.NotFound(f"no route {request.url.path}; the API is described at /openapi.json"))
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}",
+                                               allow=allowed_methods(request)))
+    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")  # any other: named by its status
+    return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes at this path: Starlette's own Allow names only the first route's."""
+    # As the app saw the path, before a mount it went through moved root_path on.
+    scope = {**request.scope, "root_path": request.scope.get("app_root_path", request.scope.get("root_path", ""))}
+    allowed: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Mount):  # the docs' assets: static files, read with GET and HEAD
+            allowed |= {"GET", "HEAD"} if route.matches(scope)[0] is Match.FULL else set()
+        else:
+            allowed |= {method for method in HTTP_METHODS if route.matches({**scope, "method": method})[0] is Match.FULL}
+    return sorted(allowed)
 
 
 # ----- streaming and cancellation -------------------------------------------------------------
@@ -196,15 +289,19 @@ async def unless_disconnected(request: Request, work: Awaitable, poll: float = 0
 
 def create_app(ops: Operations, *, max_body_bytes: int = 64 * 1024 * 1024, api_keys: ApiKeys = ApiKeys({}),
                protect_metrics: bool = False, max_in_flight: int = 512) -> FastAPI:
-    app = FastAPI(title="amserve", version=__version__,
+    # Swagger UI and ReDoc come from service.api.docs, with their assets served here, not from a CDN.
+    app = FastAPI(title="amserve", version=__version__, docs_url=None, redoc_url=None,
+                  generate_unique_id_function=operation_id,
                   description="Associative memories, the Energy Transformer and decoder LMs.")
     app.state.operations = ops
     app.state.api_keys = api_keys
     app.state.protect_metrics = protect_metrics
-    for router in (probes, banks, models, generation):
+    for router in (probes, banks, models, generation, docs.pages):
         app.include_router(router)
+    app.mount(docs.ASSETS_URL, docs.assets(), name="docs_assets")
     app.add_exception_handler(errors.ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(Measured)
     app.add_middleware(AdmissionLimit, max_in_flight=max_in_flight)  # outermost: sheds before any work

@@ -18,10 +18,12 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.banks.registry import BankInfo, MemoryResults
+from service.engines.memory import KINDS
 from service.engines.memory.base import MAX_DIM
 from service.serving.scheduler import Usage
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+Pixel = Annotated[float, Field(ge=0, le=1)]
 Vector = Annotated[list[Finite], Field(min_length=1)]
 # After validation: a list of float rows, or (encoding_format base64) the decoded N×D float32 matrix;
 # the operations take either with np.asarray.
@@ -36,7 +38,8 @@ BankName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a value of another JSON type than the field's ("3" for 3, false for 0) is refused, as the schema says
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def check_matrix(rows: list[list[Any]]) -> list[list[Any]]:
@@ -98,7 +101,7 @@ def shaped_like(other: str):
 
 
 class CreateBank(Strict):
-    kind: str
+    kind: str = Field(json_schema_extra={"enum": list(KINDS)})  # the engines check it, naming the kinds
     dim: int = Field(ge=1, le=MAX_DIM)
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -154,7 +157,8 @@ class Nearest(BaseModel):
 
 
 class MemoryResult(BaseModel):
-    state: list[float] | str = Field(description="base64 of little-endian float32 with encoding_format base64")
+    state: list[float] | str = Field(union_mode="left_to_right",  # floats first: the common answer, one pass
+                                     description="base64 of little-endian float32 with encoding_format base64")
     energy: float
     steps: int
     converged: bool
@@ -187,18 +191,11 @@ class RetrieveResponse(BaseModel):
 
 class CompleteImageRequest(Strict):
     model: Literal["energy-transformer"] = "energy-transformer"
-    image: list[list[Finite]] = Field(min_length=1, description="H×W pixel values in [0,1]")
+    image: list[list[Pixel]] = Field(min_length=1, description="H×W pixel values in [0,1]")
     mask: list[list[bool]] = Field(min_length=1, description="H×W, true = missing pixel")
     steps: int | None = Field(default=None, ge=0, le=1000)
 
-    @field_validator("image")
-    @classmethod
-    def _pixels(cls, image: list[list[float]]) -> list[list[float]]:
-        check_matrix(image)
-        if any(not 0.0 <= v <= 1.0 for row in image for v in row):
-            raise ValueError("pixel values must be in [0, 1]")
-        return image
-
+    _rectangular = field_validator("image")(check_matrix)
     _same_shape_as_image = field_validator("mask")(shaped_like("image"))
 
 
@@ -276,6 +273,12 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    backend: str
+    degraded: list[str] = Field(description="parts that cannot serve while the rest does (e.g. writes while the store is away)")
 
 
 class ErrorBody(BaseModel):

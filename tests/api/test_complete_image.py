@@ -53,8 +53,8 @@ def test_grpc_completion_equals_rest(client, stub, digit_and_mask):
 @pytest.mark.parametrize("change, field", [
     (lambda b: b.update(image=[[0.5] * 7] * 7, mask=[[False] * 7] * 7), "image"),
     (lambda b: b.update(mask=[[False] * 8] * 7), "mask"),
-    (lambda b: b["image"][0].__setitem__(0, 1.5), "image"),
-    (lambda b: b["image"][0].__setitem__(0, -0.1), "image"),
+    (lambda b: b["image"][0].__setitem__(0, 1.5), "image[0][0]"),  # the pixel itself
+    (lambda b: b["image"][0].__setitem__(0, -0.1), "image[0][0]"),  # the pixel itself
     (lambda b: b.update(model="other"), "model"),
     (lambda b: b.update(steps=-1), "steps"),
 ])

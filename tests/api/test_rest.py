@@ -176,7 +176,7 @@ def test_unknown_bank_and_empty_bank(client, bank_name):
 def test_invalid_json_and_ids(client, bank_name):
     create(client, bank_name, "modern", 2)
     error(client.post(f"/v1/banks/{bank_name}/store", content=b"{not json", headers={"content-type": "application/json"}),
-          422, "body")
+          400, "body")
     error(client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0], [0, 1]], "ids": ["a", "a"]}), 422, "ids")
     error(client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0]], "ids": ["a", "b"]}), 422, "ids")
     error(client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0]], "ids": ["bad id/"]}), 422, "ids[0]")
