@@ -34,6 +34,11 @@ service/api/pb/amserve_pb2.py: $(STAMP) $(wildcard proto/amserve/v1/*.proto)
 	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk
 
+# Chromium, driven headless by the tests (playwright) to check that /docs renders without internet.
+/usr/bin/chromium:
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+
 # Debian's package, without the default cluster it would otherwise create and start.
 $(PG_BIN)/initdb:
 	mkdir -p /etc/postgresql-common
@@ -52,7 +57,7 @@ model_repository/llm/1/config.json: | $(STAMP)
 serve: setup model_repository/llm/1/config.json
 	$(BIN)/amserve serve $(SERVE_ARGS)
 
-test: setup $(PG_BIN)/initdb
+test: setup $(PG_BIN)/initdb /usr/bin/chromium
 	$(BIN)/pytest -q -rs
 
 # Every benchmark, then one report.json with all figures and the plots (loadtest/results/).
