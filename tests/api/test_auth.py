@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.auth import create_key
 from service.api.pb import amserve_pb2 as pb
@@ -86,3 +87,22 @@ def test_grpc_metadata_carries_the_key(secured):
         with pytest.raises(grpc.RpcError) as info:
             stub.GetBank(pb.GetBankRequest(bank="grpc-only"), metadata=globex)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_no_metric_names_a_bank_or_a_tenant(secured):
+    """/metrics is open by default: after traffic of two tenants to several banks, no series carries a
+    bank or tenant label, nor a bank's or tenant's name in any label (bank sizes are in the API)."""
+    server, keys = secured
+    banks = [f"metered-{i}" for i in range(3)]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for tenant, key in keys.items():
+            for bank in banks:
+                assert c.put(f"/v1/banks/{bank}", json={"kind": "modern", "dim": 2}, headers=as_tenant(key)).status_code == 201
+                c.post(f"/v1/banks/{bank}/store", json={"patterns": [[1, 0]]}, headers=as_tenant(key)).raise_for_status()
+                c.post(f"/v1/banks/{bank}/retrieve", json={"queries": [[1, 0]]}, headers=as_tenant(key)).raise_for_status()
+        text = c.get("/metrics").text
+    labels = [sample.labels for family in text_string_to_metric_families(text) for sample in family.samples]
+    assert any(label.get("route") == "/v1/banks/{bank}/retrieve" for label in labels)  # the traffic was counted
+    assert not [label for label in labels if {"bank", "tenant"} & set(label)]
+    names = set(banks) | set(keys)
+    assert not [label for label in labels if names & set(label.values())]
