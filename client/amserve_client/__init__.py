@@ -10,7 +10,7 @@ service, over REST or gRPC, with numpy arrays in and out.
         result.nearest.id, result.state   # 'alice', array([0.9996, 0.0004, 0., 0.], dtype=float32)
 """
 
-from amserve_client.client import AsyncClient, Client, RetryPolicy
+from amserve_client.client import AsyncClient, Client
 from amserve_client.errors import (AmserveError, Conflict, InvalidArgument, NotFound, Overloaded, PayloadTooLarge,
                                    Timeout, Unauthorized, Unavailable)
 from amserve_client.types import (Alternative, Bank, Chunk, Generation, ImageCompletion, MemoryResult, Model, Nearest,
@@ -19,7 +19,7 @@ from amserve_client.types import (Alternative, Bank, Chunk, Generation, ImageCom
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncClient", "Client", "RetryPolicy",
+    "AsyncClient", "Client",
     "AmserveError", "Conflict", "InvalidArgument", "NotFound", "Overloaded", "PayloadTooLarge", "Timeout",
     "Unauthorized", "Unavailable",
     "Alternative", "Bank", "Chunk", "Generation", "ImageCompletion", "MemoryResult", "Model", "Nearest", "Stored",

@@ -32,8 +32,6 @@ class RestCalls:
     """The requests of every operation; vectors go as base64 or JSON numbers (`encoding_format`)."""
 
     def __init__(self, encoding_format: str):
-        if encoding_format not in ("base64", "float"):
-            raise ValueError(f"encoding_format must be 'base64' or 'float', not {encoding_format!r}")
         self.encoding_format = encoding_format
 
     def create_bank(self, name: str, kind: str, dim: int, params: dict) -> RestCall:

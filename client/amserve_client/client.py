@@ -39,9 +39,14 @@ class RetryPolicy:
 def connection(url: str | None, api_key: str | None, transport: str, timeout: float, encoding_format: str,
                http_client: Any, rest: type, grpc: type) -> tuple[RestCalls | GrpcCalls, Any]:
     """The requests builder and the sender for `transport` (`rest` and `grpc`: the sender classes)."""
+    if encoding_format not in ("base64", "float"):
+        raise ValueError(f"encoding_format must be 'base64' or 'float', not {encoding_format!r}")
     if transport == "rest":
+        url = url or DEFAULT_URL["rest"]
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"a REST url starts with http:// or https://, not {url!r}")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        return RestCalls(encoding_format), rest(url or DEFAULT_URL["rest"], headers, timeout, http_client)
+        return RestCalls(encoding_format), rest(url, headers, timeout, http_client)
     if transport == "grpc":
         if http_client is not None:
             raise ValueError("http_client is for the REST transport")

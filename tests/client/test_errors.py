@@ -232,3 +232,14 @@ def test_an_unreachable_service_is_unavailable_after_bounded_retries(transport):
         error = raised(sdk.list_banks)
         assert type(error) is Unavailable and error.retry_after is None
         assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(("options", "complaint"), [
+    ({"transport": "smtp"}, "transport"),
+    ({"url": "127.0.0.1:8000"}, "http://"),  # a gRPC-style target given to REST
+    ({"encoding_format": "int8"}, "encoding_format"),
+    ({"transport": "grpc", "http_client": httpx.Client()}, "http_client"),
+])
+def test_bad_client_arguments_fail_at_construction(options, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        Client(**options)
