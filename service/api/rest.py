@@ -10,8 +10,8 @@ import asyncio
 import contextlib
 import json
 import uuid
-from http import HTTPStatus
 from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response, Security
@@ -61,7 +61,7 @@ def links(*operation_ids: str, **parameters: str) -> dict:
     return {op: {"operationId": op, "parameters": parameters} for op in operation_ids}
 
 
-# By reference where the route's own answers are not JSON (the routes above put it in the components).
+# By reference, for a route whose own answers are not JSON (the other routes put it in the components).
 ENVELOPE = {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
 SERVER_SENT_EVENTS = {"text/event-stream": {"schema": {
     "type": "string", "description": "with stream=true: `data: {chunk}` per event, then `data: [DONE]`"}}}
