@@ -54,10 +54,9 @@ def test_the_committed_stubs_are_those_of_the_proto():
 def test_imports_neither_torch_nor_the_server(tmp_path):
     check = ("import sys, amserve_client; "
              "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'service', 'tritonclient')); "
-             "assert not bad, bad; print(amserve_client.__file__)")
+             "assert not bad, bad")
     out = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert Path(out.stdout.strip()).is_relative_to(CLIENT)
 
 
 def test_the_wheel_carries_the_stubs_and_no_server_dependency(tmp_path):
