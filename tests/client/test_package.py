@@ -43,7 +43,7 @@ def clear_json_names(messages) -> None:
 def test_the_committed_stubs_are_those_of_the_proto():
     """Fails when proto/ changed and the client's stubs were not rebuilt (`make proto`)."""
     committed = descriptor_pb2.FileDescriptorProto.FromString(amserve_pb2.DESCRIPTOR.serialized_pb)
-    assert committed == compiled(amserve_pb2.DESCRIPTOR.name)
+    assert committed == compiled(amserve_pb2.DESCRIPTOR.name), "client/amserve_client/_pb is behind proto/: make proto"
     # and the grpc module is generated from that same service
     with grpc.insecure_channel("127.0.0.1:1") as channel:
         stub = amserve_pb2_grpc.AmserveStub(channel)
