@@ -32,7 +32,8 @@ def _struct(values: dict) -> struct_pb2.Struct:
 
 def _bank_info(info: BankInfo) -> pb.BankInfo:
     return pb.BankInfo(name=info.name, kind=info.kind, dim=info.dim, params=_struct(info.params),
-                       count=info.count, bytes=info.bytes, version=info.version, checksum=info.checksum)
+                       count=info.count, bytes=info.bytes, version=info.version, checksum=info.checksum,
+                       shards=[pb.ShardInfo(**shard.model_dump()) for shard in info.shards])
 
 
 def _dynamics(request) -> dict:

@@ -33,10 +33,13 @@ from tritonclient.utils import InferenceServerException
 
 from service import metrics
 from service.backends.base import image_card, memory_card, text_card
-from service.banks.registry import BankInfo, DynamicsOptions, MemoryResults
-from service.banks.store import Store
+from service.banks.registry import BankInfo, DynamicsOptions, MemoryResults, checked_queries, results_of
+from service.banks.shards import replicas_of
+from service.banks.store import BankRecord, Store
 from service.banks.writer import BankWriter
 from service.engines.lm.weights import DEFAULT_MODEL_NAME
+from service.engines.memory import make_engine
+from service.engines.memory.shards import Partial
 from service.errors import InvalidArgument, Overloaded, ServiceError, TooManyRequests, Unavailable
 from service.triton import associative_memory as memory_wire
 from service.triton import energy_transformer as et_wire
@@ -123,6 +126,7 @@ class TritonBackend:
         self._turn = 0
         self._store_failed = False
         self._parameters: dict[str, dict[str, str]] = {}  # per model, read once
+        self._banks: dict[str, BankInfo] = {}  # as last seen: whether a bank is sharded, its kind and params
         # Generations this gateway has in Triton: waiting for their first token, then running.
         self._generations = {"waiting": 0, "running": 0}
 
@@ -271,17 +275,30 @@ class TritonBackend:
     # follow), else to the one Triton, which commits them to its own store. Reads go to the replicas.
 
     async def create_bank(self, name: str, kind: str, dim: int, params: dict) -> BankInfo:
+        self._banks.pop(name, None)
         if self.writer is not None:
-            return await self._write(self.writer.create, name, kind, dim, params)
-        return memory_wire.bank_info(await self._call("create", name, {"kind": kind, "dim": dim, "params": params}))
+            return self._placed(await self._write(self.writer.create, name, kind, dim, params))
+        return self._placed(memory_wire.bank_info(
+            await self._call("create", name, {"kind": kind, "dim": dim, "params": params})))
 
     async def list_banks(self) -> list[BankInfo]:
-        return [memory_wire.bank_info(info) for info in await self._call("list")]
+        return [self._placed(memory_wire.bank_info(info)) for info in await self._call("list")]
 
     async def bank_info(self, name: str) -> BankInfo:
-        return memory_wire.bank_info(await self._call("info", name))
+        info = self._placed(memory_wire.bank_info(await self._call("info", name)))
+        self._banks[name] = info
+        return info
+
+    def _placed(self, info: BankInfo) -> BankInfo:
+        """The bank's shards with the replicas that serve them by url (a replica knows only its index)."""
+        sharded = len(info.shards) > 1
+        for shard in info.shards:
+            shard.replicas = [self.urls[i] for i in (replicas_of(shard.shard, len(self.urls)) if sharded
+                                                     else range(len(self.urls)))]
+        return info
 
     async def delete_bank(self, name: str) -> None:
+        self._banks.pop(name, None)
         if self.writer is not None:
             return await self._write(self.writer.delete, name)
         await self._call("delete", name)
@@ -299,10 +316,57 @@ class TritonBackend:
 
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
                          options: DynamicsOptions, min_version: int = 0) -> MemoryResults:
+        """One Triton request, or for a bank sharded over several replicas the dynamics here, each
+        evaluation a fan-out of one partial request per shard (service/engines/memory/shards.py)."""
+        info = self._banks.get(name)
+        if info is None and len(self._replicas) > 1:
+            info = await self.bank_info(name)
+        try:
+            if info is not None and len(info.shards) > 1:
+                return await self._run_sharded(info, queries, clamp, options, min_version)
+            return await self._run(name, queries, clamp, options, min_version)
+        except ServiceError:  # the bank may have been re-created with other shards: ask again next time
+            self._banks.pop(name, None)
+            raise
+
+    async def _run(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
+                   options: DynamicsOptions, min_version: int) -> MemoryResults:
         args = {**asdict(options), "min_version": min_version}
         arrays = memory_wire.request_arrays("run", name, args, vectors=queries, clamp=clamp)
         answer = await self._infer(ASSOCIATIVE_MEMORY, arrays, memory_wire.RUN_OUTPUTS, failover=True)
         return memory_wire.decode_results({name: answer.as_numpy(name)[0] for name in memory_wire.RUN_OUTPUTS})
+
+    async def _run_sharded(self, info: BankInfo, queries: np.ndarray, clamp: np.ndarray | None,
+                           options: DynamicsOptions, min_version: int) -> MemoryResults:
+        """The bank's dynamics run in a worker thread; each evaluation blocks it on one fan-out, which
+        runs on the event loop. The shards' nearest ids collect in `labels`, which the merge indexes."""
+        queries, mask = checked_queries(BankRecord(info.name, info.kind, info.dim, info.params), queries, clamp)
+        front = make_engine(info.kind, info.dim, info.params)
+        loop, labels = asyncio.get_running_loop(), []
+        shards = len(info.shards)
+
+        async def fan_out(states: np.ndarray) -> list[Partial]:
+            answers = await asyncio.gather(*(self._partial(info.name, shard, shards, states, min_version)
+                                             for shard in range(shards)))
+            return [memory_wire.decode_partial(answer, shard, labels) for shard, answer in enumerate(answers)]
+
+        front.fan_out(lambda states: asyncio.run_coroutine_threadsafe(fan_out(states.numpy()), loop).result())
+        out = await asyncio.to_thread(
+            front.run, queries, clamp=mask, steps=options.steps, step_size=options.step_size, tolerance=options.tolerance, trace=options.trace)
+        return results_of(out, [labels[row] if row >= 0 else None for row in out.nearest.tolist()])
+
+    async def _partial(self, name: str, shard: int, shards: int, states: np.ndarray, min_version: int
+                       ) -> dict[str, np.ndarray]:
+        """Shard `shard`'s partial from the first of its replicas that answers; none: 503 naming the shard."""
+        arrays = memory_wire.request_arrays("partial", name, {"shard": shard, "shards": shards,
+                                                              "min_version": min_version}, vectors=states)
+        replicas = sorted((self._replicas[i] for i in replicas_of(shard, len(self._replicas))), key=Replica.suspect)
+        try:
+            answer = await self._infer(ASSOCIATIVE_MEMORY, arrays, memory_wire.PARTIAL_OUTPUTS, replicas=replicas)
+        except (Unavailable, Overloaded) as exc:
+            raise Unavailable(f"shard {shard} of bank '{name}' has no live replica "
+                              f"({', '.join(r.url for r in replicas)}): {exc.message}") from None
+        return {output: answer.as_numpy(output)[0] for output in memory_wire.PARTIAL_OUTPUTS}
 
     async def _write(self, commit, *args):
         """A write committed by this gateway's writer, off the event loop; a store that cannot answer
@@ -326,13 +390,14 @@ class TritonBackend:
         return json.loads(answer.as_numpy("RESULT")[0, 0])
 
     async def _infer(self, spec: ModelSpec, arrays: dict[str, np.ndarray], outputs: tuple[str, ...], *,
-                     failover: bool = False):
+                     failover: bool = False, replicas: list[Replica] | None = None):
         """One request to a replica; with `failover`, a replica that cannot serve it now (down, lagging,
         its queue full) is marked and the next one tried, so a client sees an error only when every
-        replica failed."""
+        replica failed. `replicas`: those to try, in order, rather than every replica in turn."""
         inputs = _inputs(spec, arrays)
         requested = [InferRequestedOutput(name) for name in outputs]
-        replicas = self._in_turn() if failover else self._in_turn()[:1]
+        if replicas is None:
+            replicas = self._in_turn() if failover else self._in_turn()[:1]
         for attempt, replica in enumerate(replicas, start=1):
             try:
                 return await replica.client.infer(spec.name, inputs, outputs=requested,

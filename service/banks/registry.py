@@ -18,6 +18,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +26,11 @@ import torch
 from pydantic import BaseModel
 
 from service import metrics
+from service.banks.shards import Placement, ShardInfo, replicas_of, shard_of
 from service.banks.store import BankRecord, Change, Store
 from service.engines.memory import KINDS, make_engine, normalize_params
 from service.engines.memory.base import MemoryEngine, Retrieval
+from service.engines.memory.shards import Partial
 from service.errors import InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class BankInfo(BaseModel):
     bytes: int
     version: int = 0  # committed writes this replica has applied
     checksum: str = ""  # of the patterns at that version (hex); equal on every replica at the same version
+    shards: list[ShardInfo] = []  # their counts and who serves them (one shard for an unsharded bank)
 
 
 @dataclass(frozen=True)
@@ -104,25 +108,20 @@ class MemoryResults:
                              None if self.trace is None else self.trace[start:stop])
 
 
-class Bank:
-    """An engine plus the pattern ids in engine row order (kept in step with swap-removal), at the
-    bank's `version`, with a checksum of its contents that does not depend on row order."""
+class Partition:
+    """One shard's serving state: an engine plus the shard's pattern ids in engine row order (kept in
+    step with swap-removal)."""
 
-    def __init__(self, record: BankRecord, engine: MemoryEngine):
-        self.record = record
+    def __init__(self, engine: MemoryEngine):
         self.engine = engine
         self.ids: list[str] = []
         self.row_of: dict[str, int] = {}
-        self.version = 0
-        self.checksum = 0
-        self.lock = threading.Lock()
 
     def append(self, ids: list[str], vectors: torch.Tensor) -> None:
         self.engine.add(vectors)
-        for pid, vector in zip(ids, vectors.numpy()):
+        for pid in ids:
             self.row_of[pid] = len(self.ids)
             self.ids.append(pid)
-            self.checksum = (self.checksum + pattern_digest(pid, vector)) % CHECKSUM_MODULUS
 
     def remove(self, pattern_id: str, vector: torch.Tensor) -> None:
         row = self.row_of.pop(pattern_id)
@@ -131,6 +130,59 @@ class Bank:
         if last != pattern_id:
             self.ids[row] = last
             self.row_of[last] = row
+
+
+class Bank:
+    """A bank at `version`: its shards' partitions (one for an unsharded bank; over Triton replicas only
+    those this replica serves, None for the others), every shard's count, and a checksum of the
+    contents that depends neither on row order nor on which shards are held here."""
+
+    def __init__(self, record: BankRecord, device: torch.device, placement: Placement = Placement()):
+        self.record = record
+        shards = record.params.get("shards", 1)
+        self.partitions = [Partition(make_engine(record.kind, record.dim, record.params, device))
+                           if placement.holds(shard) else None for shard in range(shards)]
+        self.counts = [0] * shards
+        self.version = 0
+        self.checksum = 0
+        self.lock = threading.Lock()
+        if shards > 1:  # the dynamics of the whole bank, over this process's partitions
+            self.front = make_engine(record.kind, record.dim, record.params, device)
+            self.front.fan_out(lambda states: [self.partition(shard).engine.partial(states)
+                                               for shard in range(shards)])
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.partitions) > 1
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def partition(self, shard: int) -> Partition:
+        partition = self.partitions[shard] if 0 <= shard < len(self.partitions) else None
+        if partition is None:
+            raise Unavailable(f"shard {shard} of bank '{self.record.name}' is not served by this replica")
+        return partition
+
+    def shard(self, pattern_id: str) -> int:
+        return shard_of(pattern_id, len(self.partitions)) if self.sharded else 0
+
+    def append(self, ids: list[str], vectors: torch.Tensor) -> None:
+        shards = np.array([self.shard(pid) for pid in ids])
+        for shard in np.unique(shards):
+            rows = np.flatnonzero(shards == shard)
+            if self.partitions[shard] is not None:
+                self.partitions[shard].append([ids[i] for i in rows], vectors[torch.from_numpy(rows)])
+            self.counts[shard] += len(rows)
+        for pid, vector in zip(ids, vectors.numpy()):
+            self.checksum = (self.checksum + pattern_digest(pid, vector)) % CHECKSUM_MODULUS
+
+    def remove(self, pattern_id: str, vector: torch.Tensor) -> None:
+        shard = self.shard(pattern_id)
+        if self.partitions[shard] is not None:
+            self.partitions[shard].remove(pattern_id, vector)
+        self.counts[shard] -= 1
         self.checksum = (self.checksum - pattern_digest(pattern_id, vector.numpy())) % CHECKSUM_MODULUS
 
     def apply(self, change: Change) -> None:
@@ -143,10 +195,26 @@ class Bank:
             self.remove(change.ids[0], vectors[0])
         self.version = change.version
 
-    def info(self) -> BankInfo:
+    def run(self, queries: torch.Tensor, clamp: torch.Tensor | None, options: DynamicsOptions) -> MemoryResults:
+        """The dynamics over the whole bank; the caller holds the lock."""
+        engine = self.front if self.sharded else self.partition(0).engine
+        out = engine.run(queries, clamp=clamp, steps=options.steps, step_size=options.step_size,
+                         tolerance=options.tolerance, trace=options.trace)
+        nearest = [self.partitions[shard].ids[row] if row >= 0 else None
+                   for shard, row in zip(out.shard.tolist(), out.nearest.tolist())]
+        return results_of(out, nearest)
+
+    def info(self, replicas: Sequence[str] = ("local",)) -> BankInfo:
+        """`replicas`: the names of the replicas that serve shards, in the order placement indexes them."""
         r = self.record
-        return BankInfo(name=r.name, kind=r.kind, dim=r.dim, params=r.params, count=self.engine.count,
-                        bytes=self.engine.nbytes(), version=self.version, checksum=f"{self.checksum:016x}")
+        # An unsharded bank is one shard that every replica serves whole.
+        placed = ((lambda shard: replicas_of(shard, len(replicas))) if self.sharded
+                  else (lambda shard: range(len(replicas))))
+        shards = [ShardInfo(shard=shard, count=count, replicas=[replicas[i] for i in placed(shard)])
+                  for shard, count in enumerate(self.counts)]
+        return BankInfo(name=r.name, kind=r.kind, dim=r.dim, params=r.params, count=self.count,
+                        bytes=sum(p.engine.nbytes() for p in self.partitions if p is not None),
+                        version=self.version, checksum=f"{self.checksum:016x}", shards=shards)
 
 
 class BankRegistry:
@@ -155,9 +223,13 @@ class BankRegistry:
     (run by `follow`) brings every bank up to the store's version, and `at_version` one bank on
     demand, for read-your-writes."""
 
-    def __init__(self, store: Store, device: str | torch.device = "cpu"):
+    def __init__(self, store: Store, device: str | torch.device = "cpu", placement: Placement = Placement()):
+        """`placement`: which shards of sharded banks this process serves (all of them by default)."""
         self.store = store
         self.device = torch.device(device)
+        self.placement = placement
+        self.replica_names = (["local"] if placement.count == 1
+                              else [f"replica {index}" for index in range(placement.count)])
         self._banks: dict[str, Bank] = {}
         self._lock = threading.Lock()
         self.store_reachable = True  # as the last sync with a shared store found it
@@ -166,7 +238,7 @@ class BankRegistry:
 
     def _load(self, record: BankRecord) -> Bank:
         """A bank from a consistent snapshot of the store, then its changes since."""
-        bank = Bank(record, make_engine(record.kind, record.dim, record.params, self.device))
+        bank = Bank(record, self.device, self.placement)
         bank.version, chunks = self.store.snapshot(record)
         for ids, matrix in chunks:
             bank.append(ids, _tensor(matrix))
@@ -272,16 +344,16 @@ class BankRegistry:
             raise InvalidArgument(f"bank name '{name}' must match {BANK_NAME.pattern}", field="bank")
         params = normalize_params(kind, dim, params or {})
         with self._lock:
-            engine = make_engine(kind, dim, params, self.device)
-            record = self.store.create_bank(BankRecord(name, kind, dim, params))
-            self._banks[name] = bank = Bank(record, engine)
-        return bank.info()
+            bank = Bank(BankRecord(name, kind, dim, params), self.device, self.placement)
+            bank.record = self.store.create_bank(bank.record)
+            self._banks[name] = bank
+        return bank.info(self.replica_names)
 
     def list(self) -> list[BankInfo]:
-        return [bank.info() for _, bank in sorted(self._banks.items())]
+        return [bank.info(self.replica_names) for _, bank in sorted(self._banks.items())]
 
     def info(self, name: str) -> BankInfo:
-        return self._bank(name).info()
+        return self._bank(name).info(self.replica_names)
 
     def delete(self, name: str) -> None:
         self._bank(name, adopt=True)  # NotFound unless the store has it
@@ -301,7 +373,7 @@ class BankRegistry:
         with bank.lock:
             change = Change(version, "store", [ids[i] for i in fresh], vectors[fresh].numpy()) if fresh else None
             self._reach(bank, version, change)
-            return list(ids), bank.engine.count, bank.version
+            return list(ids), bank.count, bank.version
 
     def delete_pattern(self, name: str, pattern_id: str) -> int:
         """Returns the bank's version after the deletion."""
@@ -324,15 +396,7 @@ class BankRegistry:
     def check_queries(self, name: str, queries: np.ndarray, clamp: np.ndarray | None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Validate one request's queries (and clamp mask) against its bank; errors name the field."""
-        bank = self._bank(name)
-        x = checked_vectors(bank.record, queries, "queries", binary_values=clamp is None)
-        if clamp is None:
-            return x, None
-        mask = np.asarray(clamp)
-        if mask.shape != tuple(x.shape) or mask.dtype != np.bool_:
-            raise InvalidArgument(f"mask must be booleans of the same shape as queries {tuple(x.shape)}",
-                                  field="mask")
-        return x, _tensor(mask)
+        return checked_queries(self._bank(name).record, queries, clamp)
 
     def run_batch(self, name: str, parts: list[tuple[torch.Tensor, torch.Tensor | None]],
                   options: DynamicsOptions) -> list[MemoryResults]:
@@ -344,10 +408,7 @@ class BankRegistry:
         mask = torch.cat([m if m is not None else torch.zeros_like(q, dtype=torch.bool) for q, m in parts]) \
             if clamped else None
         with bank.lock:
-            out = bank.engine.run(x, clamp=mask, steps=options.steps, step_size=options.step_size,
-                                  tolerance=options.tolerance, trace=options.trace)
-            nearest = [bank.ids[i] if i >= 0 else None for i in out.nearest.tolist()]
-        results = _columns(out, nearest)
+            results = bank.run(x, mask, options)
         split, start = [], 0
         for queries, _ in parts:
             split.append(results.rows(start, start + len(queries)))
@@ -355,6 +416,24 @@ class BankRegistry:
         return split
 
 
+    def partial_batch(self, name: str, shard: int, shards: int, parts: list[torch.Tensor]
+                      ) -> list[tuple[Partial, list[str | None]]]:
+        """Shard `shard`'s share of one evaluation of a sharded bank's dynamics (what a gateway fanning
+        the bank out asks each shard) at the states of several checked requests, in ONE engine call:
+        per request its partial and the id of each state's nearest pattern in the shard. `shards` is
+        the shard count the asker believes the bank has."""
+        bank = self._bank(name)
+        if len(bank.partitions) != shards:
+            raise InvalidArgument(f"bank '{name}' has {len(bank.partitions)} shards, not {shards}", field="shards")
+        with bank.lock:
+            partition = bank.partition(shard)
+            partial = partition.engine.partial(torch.cat(parts))
+            ids = [partition.ids[row] if row >= 0 else None for row in partial.nearest.row.tolist()]
+        split, start = [], 0
+        for states in parts:
+            split.append((partial.rows(start, start + len(states)), ids[start:start + len(states)]))
+            start += len(states)
+        return split
 
 def checked_vectors(record: BankRecord, values: np.ndarray, field: str, binary_values: bool = True) -> torch.Tensor:
     """A request's K×D vectors for the bank: its dim, and ±1 values for the binary kinds (a completion's
@@ -369,6 +448,18 @@ def checked_vectors(record: BankRecord, values: np.ndarray, field: str, binary_v
     if binary_values:
         KINDS[record.kind].check_values(tensor, field)
     return tensor
+
+
+def checked_queries(record: BankRecord, queries: np.ndarray, clamp: np.ndarray | None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A retrieval's (or completion's) queries and clamp mask, checked against the bank."""
+    x = checked_vectors(record, queries, "queries", binary_values=clamp is None)
+    if clamp is None:
+        return x, None
+    mask = np.asarray(clamp)
+    if mask.shape != tuple(x.shape) or mask.dtype != np.bool_:
+        raise InvalidArgument(f"mask must be booleans of the same shape as queries {tuple(x.shape)}", field="mask")
+    return x, _tensor(mask)
 
 
 def checked_ids(ids: list[str] | None, count: int) -> list[str]:
@@ -396,8 +487,8 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-def _columns(out: Retrieval, nearest: list[str | None]) -> MemoryResults:
-    """The engine's CPU tensors as numpy views."""
+def results_of(out: Retrieval, nearest: list[str | None]) -> MemoryResults:
+    """The engine's CPU tensors as numpy views, with the ids of the nearest patterns."""
     return MemoryResults(states=out.states.numpy(), energy=out.energy.numpy(), steps=out.steps.numpy(),
                          converged=out.converged.numpy(), nearest=nearest, similarity=out.similarity.numpy(),
                          trace=None if out.trace is None else out.trace.numpy())

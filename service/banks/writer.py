@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from service.banks.registry import BANK_NAME, STORED_BANK_NAME, BankInfo, checked_ids, checked_vectors
+from service.banks.shards import ShardInfo
 from service.banks.store import BankRecord, Store
 from service.engines.memory import normalize_params
 from service.errors import InvalidArgument, NotFound
@@ -30,8 +31,9 @@ class BankWriter:
         if not STORED_BANK_NAME.fullmatch(name):
             raise InvalidArgument(f"bank name '{name}' must match {BANK_NAME.pattern}", field="bank")
         record = self.store.create_bank(BankRecord(name, kind, dim, normalize_params(kind, dim, params or {})))
+        shards = [ShardInfo(shard=shard, count=0, replicas=[]) for shard in range(record.params.get("shards", 1))]
         return BankInfo(name=record.name, kind=record.kind, dim=record.dim, params=record.params, count=0, bytes=0,
-                        version=0, checksum=f"{0:016x}")
+                        version=0, checksum=f"{0:016x}", shards=shards)
 
     def delete(self, name: str) -> None:
         self._record(name)

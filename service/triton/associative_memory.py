@@ -3,23 +3,27 @@
 One request is one bank operation, a batch item of size 1 (so Triton's `max_batch_size` counts
 requests). Inputs (names and types in service/triton/spec.py):
 
-    OP       BYTES [1]        create | list | info | delete | store | delete_pattern | run
+    OP       BYTES [1]        create | list | info | delete | store | delete_pattern | run | partial
     BANK     BYTES [1]        bank name ("" for list)
     ARGS     BYTES [1]        JSON object: create {kind, dim, params}, store {ids}, delete_pattern {id},
-                              run {steps, step_size, tolerance, trace, min_version}
-    VECTORS  FP32  [N, D]     store: patterns; run: queries (optional, ragged)
+                              run {steps, step_size, tolerance, trace, min_version},
+                              partial {shard, shards, min_version}
+    VECTORS  FP32  [N, D]     store: patterns; run: queries; partial: states (optional, ragged)
     CLAMP    BOOL  [N, D]     run: True = known entry, clamped; absent for a plain retrieve (optional, ragged)
 
 A run answers the columns of `MemoryResults`, one row per query: STATES FP32 [N, D], ENERGY FP32 [N],
 STEPS INT64 [N], CONVERGED BOOL [N], NEAREST BYTES [N] (the id, "" when the kind keeps no patterns),
 SIMILARITY FP32 [N] and TRACE FP32 [N, S+1] (NaN-padded; [N, 0] without trace). Every other op answers
 RESULT BYTES [1], JSON: bank info, a list of them, {ids, count, version}, {version} or {}.
+A partial (one shard's share of one dynamics step of a sharded bank, service/engines/memory/shards.py)
+answers MAX_LOGIT FP64 [N], TOTAL FP64 [N], WEIGHTED FP64 [N, D], BEST FP64 [N], NEAREST BYTES [N]
+(the id achieving BEST, "" for an empty shard) and RESULT {count, max_norm}.
 A failed request carries a JSON error {code, field, message} with the service error's code, which
 `error_from_message` turns back into the same exception class on the client side (service/triton/wire.py).
 
 `AssociativeMemory.execute` is everything model.py's execute does, without pb_utils, so it is tested
 in-process. Like the embedded backend, it checks every run request alone, then makes one engine call
-per (bank, dynamics options) for all checked rows.
+per (bank, dynamics options) for all checked rows; partials likewise, one per (bank, shard).
 """
 
 from __future__ import annotations
@@ -29,13 +33,18 @@ from typing import Any
 
 import numpy as np
 
+import torch
+
 from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResults
+from service.engines.memory.base import Nearest
+from service.engines.memory.shards import Partial
 from service.errors import InvalidArgument
 from service.triton.wire import json_tensor, text_tensor, text_value
 
-OPS = ("create", "list", "info", "delete", "store", "delete_pattern", "run")
-READ_OPS = ("list", "info", "run")
+OPS = ("create", "list", "info", "delete", "store", "delete_pattern", "run", "partial")
+READ_OPS = ("list", "info", "run", "partial")
 RUN_OUTPUTS = ("STATES", "ENERGY", "STEPS", "CONVERGED", "NEAREST", "SIMILARITY", "TRACE")
+PARTIAL_OUTPUTS = ("MAX_LOGIT", "TOTAL", "WEIGHTED", "BEST", "NEAREST", "RESULT")
 NO_VECTORS = np.zeros((0, 0), dtype=np.float32)
 
 Outputs = dict[str, np.ndarray]
@@ -65,7 +74,7 @@ def _matrix(values: np.ndarray, dtype: type) -> np.ndarray:
 
 
 def output_names(op: str) -> tuple[str, ...]:
-    return RUN_OUTPUTS if op == "run" else ("RESULT",)
+    return {"run": RUN_OUTPUTS, "partial": PARTIAL_OUTPUTS}.get(op, ("RESULT",))
 
 
 def encode_results(results: MemoryResults) -> Outputs:
@@ -82,6 +91,26 @@ def decode_results(outputs: dict[str, np.ndarray]) -> MemoryResults:
                          converged=outputs["CONVERGED"], similarity=outputs["SIMILARITY"],
                          nearest=[pid.decode() or None for pid in outputs["NEAREST"]],
                          trace=trace if trace.shape[1] else None)
+
+
+def encode_partial(partial: Partial, ids: list[str | None]) -> Outputs:
+    return {"MAX_LOGIT": partial.max_logit.numpy(), "TOTAL": partial.total.numpy(),
+            "WEIGHTED": partial.weighted.numpy(), "BEST": partial.nearest.best.numpy(),
+            "NEAREST": np.array([(pid or "").encode() for pid in ids], dtype=np.object_),
+            "RESULT": json_tensor({"count": partial.count, "max_norm": partial.max_norm})}
+
+
+def decode_partial(outputs: dict[str, np.ndarray], shard: int, labels: list[str | None]) -> Partial:
+    """A partial's outputs, without the batch dimension; its nearest ids are appended to `labels`, and
+    the partial's rows point into that list (the merge picks rows, the caller reads ids)."""
+    result = json.loads(outputs["RESULT"][0])
+    best = torch.from_numpy(outputs["BEST"])
+    rows = torch.arange(len(labels), len(labels) + len(best))
+    labels.extend(pid.decode() or None for pid in outputs["NEAREST"])
+    return Partial(max_logit=torch.from_numpy(outputs["MAX_LOGIT"]), total=torch.from_numpy(outputs["TOTAL"]),
+                   weighted=torch.from_numpy(outputs["WEIGHTED"]),
+                   nearest=Nearest(best, torch.full_like(rows, shard), rows),
+                   count=result["count"], max_norm=result["max_norm"])
 
 
 def bank_info(payload: dict) -> BankInfo:
@@ -113,16 +142,15 @@ class AssociativeMemory:
                 if not isinstance(args, dict):
                     raise InvalidArgument("ARGS must be a JSON object")
                 vectors = NO_VECTORS if inputs["VECTORS"] is None else inputs["VECTORS"]
-                if op == "run":
+                if op in ("run", "partial"):
                     min_version = args.pop("min_version", 0)
                     if isinstance(min_version, bool) or not isinstance(min_version, int) or min_version < 0:
                         raise InvalidArgument("min_version must be an integer >= 0", field="min_version")
-                    options = _options(args)
+                    key = ("run", bank, _options(args)) if op == "run" else ("partial", bank, *_shard(args))
                     if min_version:  # catch up from the store now; a replica still behind answers 503
                         self.registry.at_version(bank, min_version)
-                    part = self.registry.check_queries(bank, vectors, inputs["CLAMP"])
-                    key = (bank, options.steps, options.step_size, options.tolerance, options.trace)
-                    groups.setdefault(key, []).append((index, part))
+                    queries, clamp = self.registry.check_queries(bank, vectors, inputs["CLAMP"] if op == "run" else None)
+                    groups.setdefault(key, []).append((index, (queries, clamp) if op == "run" else queries))
                     continue
                 self._run_groups(groups, answers)
                 answers[index] = self._single(op, bank, args, vectors)
@@ -132,11 +160,15 @@ class AssociativeMemory:
         return answers
 
     def _run_groups(self, groups: dict[tuple, list[tuple[int, Any]]], answers: list) -> None:
-        for (bank, *options), members in groups.items():
+        for (op, bank, *key), members in groups.items():
             try:
-                split = self.registry.run_batch(bank, [part for _, part in members], DynamicsOptions(*options))
-                for (index, _), results in zip(members, split):
-                    answers[index] = encode_results(results)
+                parts = [part for _, part in members]
+                if op == "run":
+                    encoded = [encode_results(results) for results in self.registry.run_batch(bank, parts, *key)]
+                else:
+                    encoded = [encode_partial(*answer) for answer in self.registry.partial_batch(bank, *key, parts)]
+                for (index, _), outputs in zip(members, encoded):
+                    answers[index] = outputs
             except Exception as exc:  # as in the embedded backend, a failed batch fails all its requests
                 for index, _ in members:
                     answers[index] = exc
@@ -161,6 +193,15 @@ class AssociativeMemory:
         else:
             raise InvalidArgument(f"unknown op {op!r}; expected one of {', '.join(OPS)}", field="op")
         return {"RESULT": json_tensor(result)}
+
+
+def _shard(args: dict) -> tuple[int, int]:
+    """A partial's (shard, shards)."""
+    shard, shards = args.get("shard"), args.get("shards")
+    for name, value in (("shard", shard), ("shards", shards)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgument(f"partial ARGS: {name} must be an integer >= 0", field=name)
+    return shard, shards
 
 
 def _options(args: dict) -> DynamicsOptions:

@@ -40,6 +40,8 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from service.banks.shards import REPLICA_ENV
+
 log = logging.getLogger("amserve.triton")
 
 DEFAULT_HTTP_PORT = 8010
@@ -343,13 +345,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
     parser.add_argument("--log-file", type=Path, help="also append Triton's log to this file")
     parser.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    parser.add_argument("--replica", metavar="INDEX/COUNT",
+                        help="this replica's place in the gateway's --triton-url list: of sharded banks it serves "
+                             f"the shards placed there (also {REPLICA_ENV}; default: every shard)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Start Triton, then wait until it exits or SIGINT/SIGTERM arrives; returns the exit status."""
     server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, address=args.address, data_dir=args.data_dir,
-                          log_path=args.log_file, startup_timeout=args.startup_timeout)
+                          log_path=args.log_file, startup_timeout=args.startup_timeout,
+                          env={REPLICA_ENV: args.replica} if args.replica else None)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

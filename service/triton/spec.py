@@ -56,6 +56,10 @@ ASSOCIATIVE_MEMORY = ModelSpec(
         TensorSpec("NEAREST", "TYPE_STRING", (-1,)),
         TensorSpec("SIMILARITY", "TYPE_FP32", (-1,)),
         TensorSpec("TRACE", "TYPE_FP32", (-1, -1)),
+        TensorSpec("MAX_LOGIT", "TYPE_FP64", (-1,)),
+        TensorSpec("TOTAL", "TYPE_FP64", (-1,)),
+        TensorSpec("WEIGHTED", "TYPE_FP64", (-1, -1)),
+        TensorSpec("BEST", "TYPE_FP64", (-1,)),
     ),
     parameters=("data_dir",),
 )

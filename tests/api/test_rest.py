@@ -23,6 +23,8 @@ def error(r, status: int, field: str | None = None) -> dict:
 
 def test_bank_lifecycle(client, bank_name):
     info = create(client, bank_name, "modern", 8, beta=4.0)
+    (shard,) = info.pop("shards")  # unsharded: one shard, on every replica
+    assert shard["shard"] == 0 and shard["count"] == 0 and shard["replicas"]
     assert info == {"name": bank_name, "kind": "modern", "dim": 8, "params": {"beta": 4.0}, "count": 0, "bytes": 0,
                     "version": 0, "checksum": "0" * 16}
     error(client.put(f"/v1/banks/{bank_name}", json={"kind": "modern", "dim": 8}), 409, "bank")
@@ -202,3 +204,26 @@ def test_openapi_documents_every_route(client):
     for path in ("/v1/banks", "/v1/banks/{bank}", "/v1/banks/{bank}/store", "/v1/banks/{bank}/retrieve",
                  "/v1/banks/{bank}/complete", "/v1/banks/{bank}/patterns/{pattern_id}"):
         assert path in paths
+
+
+def test_a_sharded_bank_answers_as_the_unsharded_bank_with_the_same_patterns(client, bank_name):
+    rng = np.random.default_rng(11)
+    patterns = rng.standard_normal((40, 6)).astype(np.float32)
+    ids = [f"p{i}" for i in range(40)]
+    for name, params in ((f"{bank_name}-whole", {"beta": 3.0}), (f"{bank_name}-split", {"beta": 3.0, "shards": 4})):
+        create(client, name, "rbf", 6, **params)
+        assert client.post(f"/v1/banks/{name}/store", json={"patterns": patterns.tolist(), "ids": ids}).status_code == 200
+    info = client.get(f"/v1/banks/{bank_name}-split").json()
+    assert info["params"] == {"beta": 3.0, "shards": 4} and info["count"] == 40
+    assert [shard["shard"] for shard in info["shards"]] == [0, 1, 2, 3]
+    assert sum(shard["count"] for shard in info["shards"]) == 40 and all(s["replicas"] for s in info["shards"])
+
+    queries = (patterns[[2, 17]] + 0.5 * rng.standard_normal((2, 6))).tolist()
+    whole, split = (client.post(f"/v1/banks/{bank_name}-{part}/retrieve", json={"queries": queries, "trace": True}
+                                ).json()["results"] for part in ("whole", "split"))
+    for expected, got in zip(whole, split):
+        assert (got["nearest"]["id"], got["steps"]) == (expected["nearest"]["id"], expected["steps"])
+        np.testing.assert_allclose(got["state"], expected["state"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["trace"], expected["trace"], rtol=1e-5, atol=1e-5)
+    error(client.put(f"/v1/banks/{bank_name}-x", json={"kind": "classical", "dim": 4, "params": {"shards": 2}}),
+          422, "params.shards")

@@ -9,12 +9,13 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.banks.registry import Bank, BankRegistry
 from service.banks.store import BankRecord, open_store
-from service.engines.memory import make_engine, normalize_params
+from service.engines.memory import normalize_params
 from service.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
 from tests.helpers import wait_until
 
@@ -107,15 +108,20 @@ def replay(registry: BankRegistry, name: str) -> dict[int, tuple[str, set[str]]]
     """The bank at every version, from its change log alone: {version: (checksum, ids)}."""
     store = registry.store
     record = store.bank(name)
-    bank = Bank(record, make_engine(record.kind, record.dim, record.params))
+    bank = Bank(record, torch.device("cpu"))
     states = {0: (bank.info().checksum, set())}
     for change in store.changes(record, after=0):
         bank.apply(change)
-        states[bank.version] = (bank.info().checksum, set(bank.ids))
+        states[bank.version] = (bank.info().checksum, held_ids(bank))
     return states
 
 
-@pytest.mark.parametrize("kind, params", [("modern", {}), ("drdam", {"features": 32, "keep_patterns": False})])
+def held_ids(bank: Bank) -> set[str]:
+    return {pid for partition in bank.partitions for pid in partition.ids}
+
+
+@pytest.mark.parametrize("kind, params", [("modern", {}), ("drdam", {"features": 32, "keep_patterns": False}),
+                                          ("rbf", {"shards": 3})])
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(writes=WRITES)
 def test_serving_state_at_every_version_is_a_replay_of_the_log(location, kind, params, writes):
@@ -128,7 +134,7 @@ def test_serving_state_at_every_version_is_a_replay_of_the_log(location, kind, p
 
     def record() -> None:  # the served bank after each committed write
         info = registry.info(name)
-        seen[info.version] = (info.checksum, set(registry._banks[name].ids))
+        seen[info.version] = (info.checksum, held_ids(registry._banks[name]))
 
     for op, picks in writes:
         if op == "store":

@@ -9,6 +9,7 @@ import signal
 
 import httpx
 
+from service.banks.shards import REPLICA_ENV
 from service.triton.launcher import TritonServer
 from tests.faults.test_postgres_replicas import DIM, Readers
 from tests.faults.writers import Writers
@@ -17,12 +18,14 @@ from tests.helpers import inference_counts, wait_until
 from tests.triton.fixtures import MEMORY_ONLY, export_for_tests
 
 
-def replica(root, repository, dsn: str, like: TritonServer | None = None) -> TritonServer:
-    """A Triton following `dsn`, on free ports, or on those of `like` (the same replica restarted)."""
+def replica(root, repository, dsn: str, like: TritonServer | None = None, place: str | None = None) -> TritonServer:
+    """A Triton following `dsn`, on free ports, or on those of `like` (the same replica restarted);
+    `place` ("index/count") is its place in the gateway's replica list, for sharded banks."""
     ports = (like.http_port, like.grpc_port, like.metrics_port) if like else (0, 0, 0)
     root.mkdir(parents=True, exist_ok=True)
+    env = {"AMSERVE_STORE": dsn} | ({REPLICA_ENV: place} if place else {})
     return TritonServer(repository, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
-                        data_dir=root / "data", log_path=root / "tritonserver.log", env={"AMSERVE_STORE": dsn})
+                        data_dir=root / "data", log_path=root / "tritonserver.log", env=env)
 
 
 def test_reads_survive_a_replica_killed_under_load(tmp_path, postgres_dsn):

@@ -27,10 +27,12 @@ DIM = 16
 
 
 class RegistryBackend:
-    """The embedded backend's bank operations: one registry call each."""
+    """The embedded backend's bank operations: one registry call each. Its banks' shards are served by
+    `replica` (this process serves them all, as a single Triton does)."""
 
-    def __init__(self, data_dir):
+    def __init__(self, data_dir, replica: str = "local"):
         self.registry = BankRegistry(SQLiteStore(data_dir))
+        self.registry.replica_names = [replica]
 
     async def start(self) -> None:
         pass
@@ -106,7 +108,7 @@ def test_every_operation_answers_like_the_embedded_backend(triton_server, tmp_pa
         ]
         return [(await outcome(call(triton)), await outcome(call(embedded))) for call in calls]
 
-    answers = run_scenario(scenario, TritonBackend(triton_server.url), RegistryBackend(tmp_path))
+    answers = run_scenario(scenario, TritonBackend(triton_server.url), RegistryBackend(tmp_path, triton_server.url))
     for step, (over_triton, embedded) in enumerate(answers):
         assert over_triton == embedded, f"call {step} differs"
     errors = [answer for answer, _ in answers if isinstance(answer, tuple) and isinstance(answer[0], type)]

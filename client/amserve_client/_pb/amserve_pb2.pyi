@@ -32,7 +32,7 @@ class CreateBankRequest(_message.Message):
     def __init__(self, bank: _Optional[str] = ..., kind: _Optional[str] = ..., dim: _Optional[int] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class BankInfo(_message.Message):
-    __slots__ = ("name", "kind", "dim", "params", "count", "bytes", "version", "checksum")
+    __slots__ = ("name", "kind", "dim", "params", "count", "bytes", "version", "checksum", "shards")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class BankInfo(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     dim: int
@@ -49,7 +50,18 @@ class BankInfo(_message.Message):
     bytes: int
     version: int
     checksum: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., dim: _Optional[int] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., count: _Optional[int] = ..., bytes: _Optional[int] = ..., version: _Optional[int] = ..., checksum: _Optional[str] = ...) -> None: ...
+    shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., dim: _Optional[int] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., count: _Optional[int] = ..., bytes: _Optional[int] = ..., version: _Optional[int] = ..., checksum: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ...) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("shard", "count", "replicas")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    count: int
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard: _Optional[int] = ..., count: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListBanksRequest(_message.Message):
     __slots__ = ()

@@ -24,6 +24,8 @@ from service.errors import Conflict, InvalidArgument
 MAX_DIM = 65_536
 # Halving the step 30 times shrinks it by ~1e-9: past that the energy is flat to float32.
 MAX_HALVINGS = 30
+# Halvings a line search tries in one evaluation once the full step was refused.
+PROBES = 8
 
 
 @dataclass
@@ -34,9 +36,42 @@ class Retrieval:
     energy: Tensor  # B float32 final energy
     steps: Tensor  # B int64 updates applied
     converged: Tensor  # B bool
-    nearest: Tensor  # B int64 row of the most similar stored pattern (-1 if unknown)
+    nearest: Tensor  # B int64 row of the most similar stored pattern (-1 if unknown), in shard `shard`
+    shard: Tensor  # B int64 (0 for an unsharded bank)
     similarity: Tensor  # B float32 cosine similarity to it (nan if unknown)
     trace: Tensor | None  # B×(S+1) energies at the start and after every step, NaN once a query stopped
+
+
+@dataclass
+class Nearest:
+    """Per query, the stored pattern most similar to its state: `best` = max_μ ξ_μ·v/‖ξ_μ‖, found in
+    shard `shard` at row `row` of that shard (shard 0 for an unsharded bank)."""
+
+    best: Tensor  # B float64, −inf where no pattern was seen
+    shard: Tensor  # B int64
+    row: Tensor  # B int64
+
+    def where(self, take: Tensor, other: Nearest) -> Nearest:
+        """Rows from `other` where `take` (B bool), from self elsewhere."""
+        return Nearest(torch.where(take, other.best, self.best), torch.where(take, other.shard, self.shard),
+                       torch.where(take, other.row, self.row))
+
+    def index(self, rows: Tensor) -> Nearest:
+        return Nearest(self.best[rows], self.shard[rows], self.row[rows])
+
+
+@dataclass
+class Evaluation:
+    """Energy and gradient at B states (unmasked), and the nearest pattern when the kind finds it on
+    the way (its dynamics already compute every overlap)."""
+
+    energy: Tensor
+    gradient: Tensor
+    nearest: Nearest | None = None
+
+    def index(self, rows: Tensor) -> Evaluation:
+        return Evaluation(self.energy[rows], self.gradient[rows],
+                          None if self.nearest is None else self.nearest.index(rows))
 
 
 @dataclass
@@ -49,6 +84,7 @@ class Descent:
     converged: Tensor
     trace: list[Tensor]  # B energies at the start and after each round of updates
     overlaps: Tensor | None = None  # Ξv at the final states when the dynamics already hold it
+    nearest: Nearest | None = None  # or the nearest pattern itself
 
 
 class MemoryEngine:
@@ -63,6 +99,7 @@ class MemoryEngine:
     default_steps: int = 100
     default_step_size: float = 1.0
     default_tolerance: float = 1e-4
+    dtype: torch.dtype = torch.float32  # of the stored patterns (states stay float32)
 
     def __init__(self, dim: int, params: dict, device: str | torch.device = "cpu"):
         self.dim = dim
@@ -70,8 +107,8 @@ class MemoryEngine:
         self.device = torch.device(device)
         self.keeps_patterns = True
         self._count = 0
-        self._storage = torch.empty(0, dim, device=self.device)
-        self._norms = torch.empty(0, device=self.device)
+        self._storage = torch.empty(0, dim, device=self.device, dtype=self.dtype)
+        self._norms = torch.empty(0, device=self.device, dtype=self.dtype)
 
     # ----- parameters -------------------------------------------------------------------
 
@@ -110,7 +147,7 @@ class MemoryEngine:
             self._reserve(self._count + patterns.shape[0])
             rows = slice(self._count, self._count + patterns.shape[0])
             self._storage[rows] = patterns
-            self._norms[rows] = torch.linalg.vector_norm(patterns, dim=-1)
+            self._norms[rows] = torch.linalg.vector_norm(self._storage[rows], dim=-1)
         self._count += patterns.shape[0]
         self._stored(patterns)
 
@@ -137,8 +174,8 @@ class MemoryEngine:
             return
         capacity = max(needed, 2 * capacity, 16)
         with torch.inference_mode(False):  # autograd must be able to use the storage later
-            storage = torch.empty(capacity, self.dim, device=self.device)
-            norms = torch.empty(capacity, device=self.device)
+            storage = torch.empty(capacity, self.dim, device=self.device, dtype=self.dtype)
+            norms = torch.empty(capacity, device=self.device, dtype=self.dtype)
         storage[: self._count] = self.patterns
         norms[: self._count] = self.pattern_norms
         self._storage, self._norms = storage, norms
@@ -197,13 +234,17 @@ class MemoryEngine:
             self._checked_step_size(step_size),
             self._checked_tolerance(tolerance),
         )
-        nearest, similarity = self._nearest(descent.states, descent.overlaps)
+        nearest = descent.nearest or self._nearest(descent.states, descent.overlaps)
+        state_norms = torch.linalg.vector_norm(descent.states, dim=-1).double()
+        # Rounding can push a cosine just past ±1.
+        similarity = (nearest.best / state_norms.clamp_min(torch.finfo(torch.float32).tiny)).clamp(-1.0, 1.0)
         return Retrieval(
             states=descent.states.float().cpu(),
             energy=descent.energy.float().cpu(),
             steps=descent.steps.to(torch.int64).cpu(),
             converged=descent.converged.cpu(),
-            nearest=nearest.cpu(),
+            nearest=nearest.row.cpu(),
+            shard=nearest.shard.cpu(),
             similarity=similarity.float().cpu(),
             trace=_padded(descent.trace, descent.steps) if trace else None,
         )
@@ -217,20 +258,21 @@ class MemoryEngine:
         active = torch.ones(batch, dtype=torch.bool, device=self.device)
         return active, torch.zeros_like(active), torch.zeros(batch, dtype=torch.int64, device=self.device)
 
-    def _nearest(self, states: Tensor, overlaps: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _nearest(self, states: Tensor, overlaps: Tensor | None) -> Nearest:
         batch = states.shape[0]
         if not self.keeps_patterns:
-            return (
-                torch.full((batch,), -1, dtype=torch.int64),
-                torch.full((batch,), math.nan),
-            )
+            return Nearest(torch.full((batch,), math.nan, dtype=torch.float64, device=self.device),
+                           torch.zeros(batch, dtype=torch.int64, device=self.device),
+                           torch.full((batch,), -1, dtype=torch.int64, device=self.device))
         if overlaps is None:
             overlaps = states @ self.patterns.T
+        return self._best_of(overlaps)
+
+    def _best_of(self, overlaps: Tensor) -> Nearest:
+        """The nearest pattern from the overlaps Ξv (B×K)."""
         norms = self.pattern_norms.to(overlaps.dtype).clamp_min(torch.finfo(overlaps.dtype).tiny)
-        best, index = (overlaps / norms).max(dim=-1)
-        state_norms = torch.linalg.vector_norm(states, dim=-1).to(best.dtype)
-        # Rounding can push a cosine just past ±1.
-        return index, (best / state_norms.clamp_min(torch.finfo(best.dtype).tiny)).clamp(-1.0, 1.0)
+        best, row = (overlaps / norms).max(dim=-1)
+        return Nearest(best.double(), torch.zeros_like(row), row)
 
     # ----- request checks ---------------------------------------------------------------
 
@@ -324,15 +366,22 @@ class GradientMemory(MemoryEngine):
     MAX_HALVINGS times), so every trace is non-increasing. A query converges when its next
     step would move no entry by more than `tolerance`, or when no step lowers its float32
     energy any more (it sits at a minimum to working precision).
+
+    The line search evaluates its candidate steps together: the full step alone first (it is
+    almost always accepted), then, for the queries that refused it, the next PROBES halvings in
+    one evaluation. Over a sharded bank an evaluation is a round trip, so a search costs at
+    most 1 + ⌈(MAX_HALVINGS − 1) / PROBES⌉ of them instead of one per halving; the outcome is
+    that of trying the halvings one by one.
     """
 
-    def _energy_and_gradient(self, states: Tensor) -> tuple[Tensor, Tensor]:
-        return energy_and_gradient(self._energy, states)
+    def _evaluate(self, states: Tensor) -> Evaluation:
+        return Evaluation(*energy_and_gradient(self._energy, states))
 
     def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float) -> Descent:
         batch = states.shape[0]
-        energy, gradient = self._energy_and_gradient(states)
-        gradient = gradient * free
+        now = self._evaluate(states)
+        gradient, nearest = now.gradient * free, now.nearest
+        energy = now.energy
         trace = [energy]
         active, converged, taken = self._bookkeeping(batch)
 
@@ -351,17 +400,36 @@ class GradientMemory(MemoryEngine):
             scale = torch.where(active, (2 * scale).clamp_max(step_size), 0.0)
             previous = energy
             pending = active.clone()
-            for _ in range(MAX_HALVINGS):
-                trial = states - scale[:, None] * gradient
-                trial_energy, trial_gradient = self._energy_and_gradient(trial)
-                accept = pending & (trial_energy <= energy)
-                states = torch.where(accept[:, None], trial, states)
-                energy = torch.where(accept, trial_energy, energy)
-                gradient = torch.where(accept[:, None], trial_gradient * free, gradient)
+            tried, probes = 0, 1
+            while pending.any() and tried < MAX_HALVINGS:
+                probes = min(probes, MAX_HALVINGS - tried)
+                # The full step is tried at every row (a stopped one stays where it is), so that an
+                # evaluation sees the same batch whichever queries are still moving.
+                rows = pending.nonzero()[:, 0] if tried else torch.arange(batch, device=self.device)
+                # Candidate j of a pending query: its state minus scale/2^j times its gradient.
+                halvings = 0.5 ** torch.arange(probes, device=self.device, dtype=scale.dtype)
+                trial_scale = halvings[:, None] * scale[rows][None, :]  # probes × pending
+                trials = states[rows][None] - trial_scale[..., None] * gradient[rows][None]
+                found = self._evaluate(trials.reshape(-1, self.dim))
+                lower = (found.energy.reshape(probes, -1) <= energy[rows][None])
+                # The first candidate that does not raise the energy, as the one-by-one search finds it.
+                first = torch.where(lower.any(dim=0), lower.int().argmax(dim=0), probes)
+                accepted = (first < probes) & pending[rows]
+                picked = first.clamp_max(probes - 1) * len(rows) + torch.arange(len(rows), device=self.device)
+                chosen = found.index(picked)
+                accept = torch.zeros_like(pending)
+                accept[rows] = accepted
+                take = rows[accepted]
+                states = states.index_put((take,), trials.reshape(-1, self.dim)[picked[accepted]])
+                energy = energy.index_put((take,), chosen.energy[accepted])
+                gradient = gradient.index_put((take,), chosen.gradient[accepted] * free[take])
+                if nearest is not None:
+                    nearest = nearest.where(accept, _scattered(chosen.nearest, rows, batch))
+                scale = scale.index_put((rows,), scale[rows] * 0.5 ** torch.where(accepted, first, probes)
+                                        .to(scale.dtype))
                 pending &= ~accept
-                if not pending.any():
-                    break
-                scale = torch.where(pending, scale / 2, scale)
+                tried += probes
+                probes = PROBES
             moved = active & ~pending
             taken += moved
             trace.append(energy)
@@ -371,7 +439,14 @@ class GradientMemory(MemoryEngine):
             converged |= stationary
             active &= ~stationary
         converged |= active & settled(gradient)
-        return Descent(states, energy, taken, converged, trace)
+        return Descent(states, energy, taken, converged, trace, nearest=nearest)
+
+
+def _scattered(nearest: Nearest, rows: Tensor, batch: int) -> Nearest:
+    """`nearest` of the queries `rows`, placed at those rows of a batch of `batch`."""
+    def spread(values: Tensor) -> Tensor:
+        return torch.zeros(batch, dtype=values.dtype, device=values.device).index_put((rows,), values)
+    return Nearest(spread(nearest.best), spread(nearest.shard), spread(nearest.row))
 
 
 def settled_by(gradient: Tensor, step_size: float, tolerance: float) -> Tensor:
@@ -389,19 +464,6 @@ def energy_and_gradient(energy: Callable[[Tensor], Tensor], states: Tensor) -> t
         energies = energy(states)
         (gradient,) = torch.autograd.grad(energies.sum(), states)
     return energies.detach(), gradient
-
-
-class InverseTemperature:
-    """For kinds whose one parameter is β > 0 (default 1): mixed in before the engine class."""
-
-    def __init__(self, dim: int, params: dict, device: str | torch.device = "cpu"):
-        super().__init__(dim, params, device)
-        self.beta: float = params["beta"]
-
-    @classmethod
-    def normalize_params(cls, dim: int, params: dict) -> dict:
-        reject_unknown(cls.kind, params, ("beta",))
-        return {"beta": read_positive_float(params, "beta", 1.0)}
 
 
 # ----- parameter readers: each names the offending field as params.<name> ----------------

@@ -23,6 +23,7 @@ from torch import Tensor
 from service.errors import InvalidArgument
 
 from .base import (
+    Evaluation,
     GradientMemory,
     energy_and_gradient,
     read_bool,
@@ -99,6 +100,6 @@ class DrdamMemory(GradientMemory):
     def _energy(self, states: Tensor) -> Tensor:
         return torch.cat([self._energy_of_chunk(chunk) for chunk in states.split(self._chunk)])
 
-    def _energy_and_gradient(self, states: Tensor) -> tuple[Tensor, Tensor]:
+    def _evaluate(self, states: Tensor) -> Evaluation:
         parts = [energy_and_gradient(self._energy_of_chunk, chunk) for chunk in states.split(self._chunk)]
-        return torch.cat([energy for energy, _ in parts]), torch.cat([gradient for _, gradient in parts])
+        return Evaluation(torch.cat([energy for energy, _ in parts]), torch.cat([gradient for _, gradient in parts]))

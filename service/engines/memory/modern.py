@@ -11,8 +11,9 @@ is the concave-convex fixed-point iteration; it retrieves a well separated patte
 step. E is ½‖v‖² minus a convex function, hence E(v − α∇E) ≤ E(v) − α(1 − α/2)‖∇E‖²: the
 energy never increases for 0 < α < 2.
 
-A step is two GEMMs (scores Ξv, then Ξᵀ·weights); the scores of the final states also give
-the energy and the nearest-pattern similarity, so nothing K×D is allocated per call.
+A step is two GEMMs (scores Ξv, then Ξᵀ·weights), evaluated as the log-sum-exp partials of
+service/engines/memory/shards.py (one per shard of the bank); the scores of the final states also
+give the energy and the nearest pattern, so nothing K×D is allocated per call.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from torch import Tensor
 
 from service.errors import InvalidArgument
 
-from .base import Descent, InverseTemperature, MemoryEngine, settled_by
+from .base import Descent, settled_by
+from .shards import LogSumExpMemory, Merged
 
 
 def modern_energy_from_lse(states: Tensor, lse: Tensor, beta: float, count: int, max_norm: float) -> Tensor:
@@ -39,7 +41,7 @@ def modern_energy(states: Tensor, patterns: Tensor, beta: float) -> Tensor:
     return modern_energy_from_lse(states, lse, beta, patterns.shape[0], max_norm)
 
 
-class ModernMemory(InverseTemperature, MemoryEngine):
+class ModernMemory(LogSumExpMemory):
     kind = "modern"
     default_steps = 20
 
@@ -49,26 +51,18 @@ class ModernMemory(InverseTemperature, MemoryEngine):
             raise InvalidArgument("step_size must be below 2: larger steps can raise the energy", field="step_size")
         return step_size
 
-    def _energy(self, states: Tensor) -> Tensor:
-        return modern_energy(states, self.patterns, self.beta)
+    def _logits(self, states: Tensor, overlaps: Tensor) -> Tensor:
+        return self.beta * overlaps
+
+    def _energy_from(self, states: Tensor, merged: Merged) -> Tensor:
+        return modern_energy_from_lse(states.double(), merged.lse / self.beta, self.beta, merged.count,
+                                      merged.max_norm)
 
     def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float) -> Descent:
-        patterns, beta = self.patterns, self.beta
-        max_norm = self.pattern_norms.max().item()
-
-        def evaluate(states: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-            """Energy and masked gradient v − Ξᵀ softmax(β s) from the scores s = Ξv."""
-            logits = beta * scores
-            log_total = logits.logsumexp(dim=-1, keepdim=True)
-            energy = modern_energy_from_lse(states, log_total[:, 0] / beta, beta, self.count, max_norm)
-            weights = logits.sub_(log_total).exp_()
-            return energy, (states - weights @ patterns) * free
-
-        batch = states.shape[0]
-        scores = states @ patterns.T
-        energy, gradient = evaluate(states, scores)
-        trace = [energy]
-        active, converged, taken = self._bookkeeping(batch)
+        now = self._evaluate(states)
+        gradient = now.gradient * free
+        trace = [now.energy]
+        active, converged, taken = self._bookkeeping(states.shape[0])
         for _ in range(steps):
             done = active & settled_by(gradient, step_size, tolerance)
             converged |= done
@@ -76,9 +70,9 @@ class ModernMemory(InverseTemperature, MemoryEngine):
             if not active.any():
                 break
             states = states - (step_size * active)[:, None] * gradient
-            scores = states @ patterns.T
-            energy, gradient = evaluate(states, scores)
+            now = self._evaluate(states)
+            gradient = now.gradient * free
             taken += active
-            trace.append(energy)
+            trace.append(now.energy)
         converged |= active & settled_by(gradient, step_size, tolerance)
-        return Descent(states, energy, taken, converged, trace, overlaps=scores)
+        return Descent(states, now.energy, taken, converged, trace, nearest=now.nearest)

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from service.banks.registry import BankRegistry
+from service.banks.shards import Placement
 from service.banks.store import open_store
 from service.triton import python_backend
 from service.triton.associative_memory import AssociativeMemory
@@ -25,7 +26,9 @@ class TritonPythonModel:
         # AMSERVE_STORE (a postgresql:// DSN) takes the place of the data dir, as for the gateway.
         data_dir = os.environ.get("AMSERVE_DATA_DIR") or config["parameters"]["data_dir"]["string_value"]
         self.store = open_store(os.environ.get("AMSERVE_STORE") or Path(data_dir).resolve())
-        registry = BankRegistry(self.store, python_backend.instance_device(args))
+        # AMSERVE_REPLICA ("index/count") places this replica in the gateway's list: of sharded banks it
+        # serves the shards placed on it (service/banks/shards.py).
+        registry = BankRegistry(self.store, python_backend.instance_device(args), Placement.from_env())
         self.memory = AssociativeMemory(registry)
         self.stop_following = threading.Event()
         self.follower = threading.Thread(target=registry.follow, args=(self.stop_following,), daemon=True)
