@@ -326,8 +326,9 @@ class Transformer(nn.Module):
         return self.output(self.norm(x)).float()
 
     @torch.inference_mode()
-    def prefill(self, tokens: Tensor, slot: int) -> Tensor:
-        """Run a prompt (T,) into cache slot `slot` from position 0; returns the last logits (vocab,)."""
+    def prefill(self, tokens: Tensor, slot: int, every_position: bool = False) -> Tensor:
+        """Run a prompt (T,) into cache slot `slot` from position 0; returns the last logits (vocab,),
+        or with `every_position` those of every position (T, vocab), to score the prompt."""
         if self.cache is None:
             raise RuntimeError("call setup_cache() before prefill()")
         tokens = tokens.view(1, -1)
@@ -335,7 +336,7 @@ class Transformer(nn.Module):
         x, rope = self._embed(tokens, positions)
         for block in self.layers:
             x = block(x, rope, prefill=(self.cache, slot))
-        return self.output(self.norm(x[0, -1])).float()
+        return self.output(self.norm(x[0] if every_position else x[0, -1])).float()
 
     @torch.inference_mode()
     def decode(self, tokens: Tensor, slots: Sequence[int], positions: Sequence[int]) -> Tensor:
