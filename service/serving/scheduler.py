@@ -21,7 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from service.engines.lm.model import Transformer
-from service.engines.lm.sampling import SamplingParams, StopMatcher, TokenLogprobs, make_generator, sample
+from service.engines.lm.sampling import (SamplingParams, StopMatcher, TokenLogprobs, make_generator, prompt_logprobs,
+                                         sample)
 from service.engines.lm.tokenizer import IncrementalDecoder, Tokenizer
 from service.errors import InvalidArgument, Overloaded, Unavailable
 
@@ -31,8 +32,15 @@ FINISH_REASONS = ("stop", "length", "cancelled", "deadline", "error")
 
 
 @dataclass(frozen=True)
+class Chat:
+    """A conversation: the prompt is its rendering with the model's chat template."""
+
+    messages: tuple[dict[str, str], ...]  # {"role", "content"}
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str | Sequence[int]  # text, or token ids used as given
+    prompt: str | Sequence[int] | Chat  # text, token ids used as given, or a conversation
     params: SamplingParams = field(default_factory=SamplingParams)
     deadline: float | None = None  # time.monotonic() value after which it finishes with "deadline"
 
@@ -60,6 +68,16 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class PromptEvent:
+    """The prompt, first of the events of a request with `echo`."""
+
+    request_id: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprobs | None] | None  # per prompt token (None for the first), with `logprobs` only
+
+
+@dataclass(frozen=True)
 class FinishEvent:
     request_id: int
     finish_reason: str  # one of FINISH_REASONS
@@ -68,7 +86,7 @@ class FinishEvent:
     error: str | None = None
 
 
-Event = TokenEvent | FinishEvent
+Event = PromptEvent | TokenEvent | FinishEvent
 
 
 @dataclass(frozen=True)
@@ -158,8 +176,11 @@ class Scheduler:
         if threading.current_thread() is not self._thread:  # close() may come from an on_event callback
             self._thread.join()
 
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    def _prompt_ids(self, prompt: str | Sequence[int] | Chat) -> list[int]:
+        if isinstance(prompt, Chat):
+            ids = self.tokenizer.encode_chat(prompt.messages)
+        else:
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if any(not 0 <= i < self.model.config.vocab_size for i in ids):
             raise InvalidArgument("prompt token ids out of the model's vocabulary", field="prompt")
         if not ids:  # an empty prompt starts from the beginning-of-text token
@@ -210,19 +231,36 @@ class Scheduler:
         started, logits = [], []
         for sequence in admitted:
             prompt = torch.tensor(sequence.prompt_ids, device=self.model.device)
+            echo = sequence.params.echo
             try:
-                logits.append(self.model.prefill(prompt, slot=len(self._running)))
+                last = self.model.prefill(prompt, slot=len(self._running), every_position=echo)
+                if echo:
+                    last = self._echo(sequence, last)
             except Exception as error:  # e.g. out of memory on a long prompt: fails that request only
                 log.exception("prefill failed for request %d", sequence.handle.id)
                 self._finish(sequence, "error", error=str(error))
                 continue
+            with self._lock:
+                self._prompt_tokens += len(sequence.prompt_ids)
+            if sequence.finished:  # its consumer went away at the prompt event
+                continue
+            if sequence.params.max_tokens == 0:  # scoring the prompt only: nothing to sample
+                self._finish(sequence, "length")
+                continue
             sequence.length = len(sequence.prompt_ids)
             started.append(sequence)
+            logits.append(last)
             with self._lock:
                 self._running.append(sequence)
-                self._prompt_tokens += sequence.length
         if started:
             self._sample_and_emit(started, torch.stack(logits))
+
+    def _echo(self, sequence: _Sequence, every_position: torch.Tensor) -> torch.Tensor:
+        """Emit the prompt event; -> the last position's logits, from which the first token is sampled."""
+        ids, top = sequence.prompt_ids, sequence.params.logprobs
+        scored = prompt_logprobs(every_position, ids, top) if top else None
+        self._emit(sequence, PromptEvent(sequence.handle.id, ids, self.tokenizer.decode(ids), scored))
+        return every_position[-1]
 
     def _decode(self) -> None:
         running = list(self._running)
@@ -233,6 +271,11 @@ class Scheduler:
         self._sample_and_emit(running, logits)
 
     def _sample_and_emit(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
+        eos = self.tokenizer.eos_token_id
+        held = [row for row, s in enumerate(sequences) if s.generated < s.params.min_tokens]
+        if held and eos is not None:  # min_tokens: the end of sequence cannot be drawn yet
+            logits = logits.clone()  # the model's is an inference tensor, not writable here
+            logits[held, eos] = float("-inf")
         out = sample(logits, [s.params for s in sequences], [s.generator for s in sequences])
         with self._lock:
             self._generated_tokens += len(sequences)
@@ -242,7 +285,7 @@ class Scheduler:
     def _accept(self, sequence: _Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         sequence.generated += 1
         sequence.last_token = token
-        if token == self.tokenizer.eos_token_id:
+        if token == self.tokenizer.eos_token_id and not sequence.params.ignore_eos:
             self._retire(sequence, "stop")
             return
         text, stopped = sequence.stop.push(sequence.decoder.push(token))
@@ -259,7 +302,7 @@ class Scheduler:
             return True
         except Exception:  # a broken consumer cancels its own request only
             log.exception("on_event failed for request %d", sequence.handle.id)
-            if isinstance(event, TokenEvent):
+            if not isinstance(event, FinishEvent):
                 self._retire(sequence, "cancelled")
             return False
 
@@ -290,14 +333,19 @@ def _expired(sequence: _Sequence) -> bool:
     return sequence.deadline is not None and time.monotonic() >= sequence.deadline
 
 
-def event_dict(event: TokenEvent | FinishEvent, tokenizer: Tokenizer) -> dict:
+def event_dict(event: Event, tokenizer: Tokenizer) -> dict:
     """An event as plain JSON-able data, logprobs with their token strings: what both backends stream."""
     if isinstance(event, FinishEvent):
         return {"type": "finish", "finish_reason": event.finish_reason, "text": event.text, "error": event.error,
                 "usage": event.usage.model_dump()}
-    logprobs = None
-    if event.logprobs is not None:
-        token = tokenizer.decode
-        logprobs = {"token": token([event.token_id]), "token_id": event.token_id, "logprob": event.logprobs.logprob,
-                    "top": [{"token": token([i]), "token_id": i, "logprob": lp} for i, lp in event.logprobs.top]}
+    if isinstance(event, PromptEvent):
+        return {"type": "prompt", "token_ids": event.token_ids, "text": event.text, "logprobs": None if
+                event.logprobs is None else [_logprobs_dict(e, tokenizer) if e else None for e in event.logprobs]}
+    logprobs = None if event.logprobs is None else _logprobs_dict(event.logprobs, tokenizer)
     return {"type": "token", "token_id": event.token_id, "text": event.text, "logprobs": logprobs}
+
+
+def _logprobs_dict(logprobs: TokenLogprobs, tokenizer: Tokenizer) -> dict:
+    token = tokenizer.decode
+    return {"token": token([logprobs.token_id]), "token_id": logprobs.token_id, "logprob": logprobs.logprob,
+            "top": [{"token": token([i]), "token_id": i, "logprob": lp} for i, lp in logprobs.top]}

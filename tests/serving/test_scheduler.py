@@ -13,7 +13,7 @@ import torch
 
 from service.engines.lm import ModelConfig, SamplingParams, Tokenizer, Transformer
 from service.errors import InvalidArgument, Overloaded
-from service.serving.scheduler import Event, FinishEvent, GenerationRequest, Scheduler, TokenEvent
+from service.serving.scheduler import Event, FinishEvent, GenerationRequest, PromptEvent, Scheduler, TokenEvent, Usage
 
 CONTEXT = 128
 PROMPTS = ["The quick brown fox", "Hello", "Once upon a time, in a land far away,", "1 2 3"]
@@ -242,10 +242,10 @@ def test_invalid_prompt_is_rejected(make_scheduler, prompt):
 def test_failed_prefill_fails_only_its_request(make_scheduler, model, tokenizer, monkeypatch):
     real_prefill = model.prefill
 
-    def prefill(tokens: torch.Tensor, slot: int) -> torch.Tensor:
+    def prefill(tokens: torch.Tensor, slot: int, every_position: bool = False) -> torch.Tensor:
         if tokens.tolist() == [11, 11, 11]:
             raise RuntimeError("out of memory")
-        return real_prefill(tokens, slot)
+        return real_prefill(tokens, slot, every_position)
 
     monkeypatch.setattr(model, "prefill", prefill)
     scheduler = make_scheduler()
@@ -272,3 +272,45 @@ def test_expired_deadline_finishes_without_tokens(make_scheduler):
     handle = scheduler.submit(GenerationRequest(PROMPTS[0], GREEDY, deadline=time.monotonic() - 1), log)
     log.wait(handle)
     assert log.finish(handle).finish_reason == "deadline" and log.tokens(handle) == []
+
+
+def test_echo_scores_the_prompt_as_a_full_forward_does(make_scheduler, model, tokenizer):
+    scheduler = make_scheduler()
+    log = EventLog()
+    ids = tokenizer.encode(PROMPTS[1])
+    scoring = scheduler.submit(GenerationRequest(ids, SamplingParams(max_tokens=0, echo=True, logprobs=3)), log)
+    echoed = scheduler.submit(GenerationRequest(ids, SamplingParams(temperature=0, max_tokens=6, echo=True)), log)
+    log.wait(scoring, echoed)
+
+    prompt = log.events[log.index(scoring, PromptEvent)]
+    assert prompt.token_ids == ids and prompt.text == PROMPTS[1]
+    expected = torch.log_softmax(model(torch.tensor([ids]))[0], dim=-1)
+    assert prompt.logprobs[0] is None
+    for position, entry in enumerate(prompt.logprobs[1:]):
+        assert entry.token_id == ids[position + 1]
+        assert entry.logprob == pytest.approx(expected[position, ids[position + 1]].item(), abs=1e-4)
+        assert [i for i, _ in entry.top] == expected[position].topk(3).indices.tolist()
+    assert log.tokens(scoring) == [] and log.finish(scoring).finish_reason == "length"
+    assert log.finish(scoring).usage == Usage(prompt_tokens=len(ids), completion_tokens=0)
+
+    # echo without logprobs: the prompt's text only, first; the generation is unchanged
+    assert log.index(echoed, PromptEvent) < log.index(echoed, TokenEvent)
+    assert log.events[log.index(echoed, PromptEvent)].logprobs is None
+    assert log.tokens(echoed) == alone(model, ids, 6)
+
+
+def test_min_tokens_holds_back_eos_and_ignore_eos_generates_past_it(make_scheduler, model, tokenizer):
+    ids = tokenizer.encode(PROMPTS[0])
+    first = alone(model, ids, 1)[0]
+    ending_there = Tokenizer.gpt2()
+    ending_there.eos_token_id = first  # the model's greedy first token now ends the sequence
+    scheduler = make_scheduler(tokenizer=ending_there)
+    log = EventLog()
+    plain = scheduler.submit(GenerationRequest(ids, SamplingParams(temperature=0, max_tokens=8)), log)
+    held = scheduler.submit(GenerationRequest(ids, SamplingParams(temperature=0, max_tokens=8, min_tokens=3)), log)
+    ignoring = scheduler.submit(GenerationRequest(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)),
+                                log)
+    log.wait(plain, held, ignoring)
+    assert log.finish(plain).finish_reason == "stop" and log.finish(plain).usage.completion_tokens == 1
+    assert len(log.tokens(held)) >= 3 and first not in log.tokens(held)[:3]
+    assert log.tokens(ignoring) == alone(model, ids, 8) and log.finish(ignoring).finish_reason == "length"

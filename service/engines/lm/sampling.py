@@ -35,6 +35,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int = 0  # number of alternatives to report per token; 0 = none
+    echo: bool = False  # report the prompt first: its text and, with logprobs, each prompt token's logprob
+    min_tokens: int = 0  # the end-of-sequence token cannot be sampled before this many tokens
+    ignore_eos: bool = False  # the end-of-sequence token does not end the generation
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -51,8 +54,14 @@ class SamplingParams:
 
 def validate_sampling(params: SamplingParams) -> None:
     """Raise InvalidArgument naming the offending field."""
-    if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
-        raise InvalidArgument("max_tokens must be an integer >= 1", field="max_tokens")
+    if not isinstance(params.max_tokens, int) or params.max_tokens < (0 if params.echo else 1):
+        raise InvalidArgument("max_tokens must be an integer >= 1 (0 only with echo: scoring the prompt)",
+                              field="max_tokens")
+    if not isinstance(params.min_tokens, int) or not 0 <= params.min_tokens <= params.max_tokens:
+        raise InvalidArgument("min_tokens must be an integer in [0, max_tokens]", field="min_tokens")
+    if not isinstance(params.echo, bool) or not isinstance(params.ignore_eos, bool):
+        raise InvalidArgument("echo and ignore_eos must be booleans", field="echo" if not isinstance(
+            params.echo, bool) else "ignore_eos")
     if not math.isfinite(params.temperature) or params.temperature < 0:
         raise InvalidArgument("temperature must be >= 0", field="temperature")
     if not isinstance(params.top_k, int) or params.top_k < 0:
@@ -171,3 +180,21 @@ class StopMatcher:
     def flush(self) -> str:
         text, self._pending = self._pending, ""
         return text
+
+
+def prompt_logprobs(logits: Tensor, prompt_ids: Sequence[int], top: int, chunk: int = 256
+                    ) -> list[TokenLogprobs | None]:
+    """Each prompt token's log-probability under the model given the tokens before it, with the
+    `top` most likely alternatives: the raw distribution (temperature 1, no filtering), which is what
+    scoring a text means. `logits` (T, vocab) are the prefill's at every prompt position; the first
+    token has no context, hence None (as OpenAI and vLLM answer)."""
+    targets = torch.tensor(prompt_ids[1:], device=logits.device)
+    result: list[TokenLogprobs | None] = [None]
+    for start in range(0, len(targets), chunk):  # log_softmax a slice at a time: T × vocab floats twice is a lot
+        rows = targets[start:start + chunk]
+        logprobs = torch.log_softmax(logits[start:start + len(rows)].float(), dim=-1)
+        chosen = logprobs.gather(1, rows[:, None])[:, 0].tolist()
+        top_values, top_ids = logprobs.topk(top, dim=-1)
+        for token, logprob, ids, values in zip(rows.tolist(), chosen, top_ids.tolist(), top_values.tolist()):
+            result.append(TokenLogprobs(token, logprob, list(zip(ids, values))))
+    return result

@@ -189,9 +189,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return max(self._id_to_token) + 1
 
-    def encode(self, text: str) -> list[int]:
-        """Special tokens written in the text (e.g. chat markers) map to their ids."""
-        ids = [self.bos_token_id] if self.add_bos and self.bos_token_id is not None else []
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Special tokens written in the text (e.g. chat markers) map to their ids. `add_bos=False`
+        for text that writes its own (a rendered chat template, as HF tokenizes those)."""
+        ids = [self.bos_token_id] if add_bos and self.add_bos and self.bos_token_id is not None else []
         start = 0
         if self._special_splitter is not None:
             for match in self._special_splitter.finditer(text):
@@ -250,6 +251,10 @@ class Tokenizer:
 
     def incremental_decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """The prompt of a conversation whose answer is to be generated."""
+        return self.encode(self.apply_chat_template(messages), add_bos=False)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
