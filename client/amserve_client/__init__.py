@@ -14,7 +14,7 @@ from amserve_client.client import AsyncClient, Client
 from amserve_client.errors import (AmserveError, Conflict, InvalidArgument, NotFound, Overloaded, PayloadTooLarge,
                                    Timeout, Unauthorized, Unavailable)
 from amserve_client.types import (Alternative, Bank, Chunk, Generation, ImageCompletion, MemoryResult, Model, Nearest,
-                                  Stored, TokenLogprob, Usage)
+                                  Shard, Stored, TokenLogprob, Usage)
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,6 @@ __all__ = [
     "AsyncClient", "Client",
     "AmserveError", "Conflict", "InvalidArgument", "NotFound", "Overloaded", "PayloadTooLarge", "Timeout",
     "Unauthorized", "Unavailable",
-    "Alternative", "Bank", "Chunk", "Generation", "ImageCompletion", "MemoryResult", "Model", "Nearest", "Stored",
+    "Alternative", "Bank", "Chunk", "Generation", "ImageCompletion", "MemoryResult", "Model", "Nearest", "Shard", "Stored",
     "TokenLogprob", "Usage",
 ]

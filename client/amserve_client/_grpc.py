@@ -15,7 +15,7 @@ from amserve_client._pb import amserve_pb2 as pb
 from amserve_client._pb import amserve_pb2_grpc as pb_grpc
 from amserve_client.errors import grpc_errors
 from amserve_client.types import (Alternative, Bank, Chunk, Generation, ImageCompletion, MemoryResult, Model, Nearest,
-                                  Stored, TokenLogprob, Usage)
+                                  Shard, Stored, TokenLogprob, Usage)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ def masks(rows: np.ndarray) -> list[pb.Mask]:
 
 def bank(info: pb.BankInfo) -> Bank:
     return Bank(name=info.name, kind=info.kind, dim=info.dim, params=json_format.MessageToDict(info.params),
-                count=info.count, bytes=info.bytes, version=info.version, checksum=info.checksum)
+                count=info.count, bytes=info.bytes, version=info.version, checksum=info.checksum,
+                shards=[Shard(shard=s.shard, count=s.count, replicas=list(s.replicas)) for s in info.shards])
 
 
 def memory_results(traced: bool) -> Callable[[pb.RetrieveResponse], list[MemoryResult]]:

@@ -11,6 +11,13 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class Shard:
+    shard: int
+    count: int  # patterns in the shard
+    replicas: list[str]  # who serves it, first choice first
+
+
+@dataclass(frozen=True)
 class Bank:
     name: str
     kind: str
@@ -20,11 +27,14 @@ class Bank:
     bytes: int  # serving memory held by the bank's engine
     version: int = 0  # committed writes applied by the answering replica
     checksum: str = ""  # of the patterns at that version; equal on every replica at the same version
+    shards: list[Shard] = dataclasses.field(default_factory=list)  # one for an unsharded bank
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> Bank:
         """From the service's bank info; fields this client does not know yet are left out."""
-        return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
+        known = {f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields}
+        known["shards"] = [Shard(**shard) for shard in known.get("shards", [])]
+        return cls(**known)
 
 
 @dataclass(frozen=True)

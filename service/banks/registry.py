@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel
 
 from service import metrics
-from service.banks.shards import Placement, ShardInfo, replicas_of, shard_of
+from service.banks.shards import EVERY_SHARD, Placement, ShardInfo, replicas_of, shard_of
 from service.banks.store import BankRecord, Change, Store
 from service.engines.memory import KINDS, make_engine, normalize_params
 from service.engines.memory.base import MemoryEngine, Retrieval
@@ -137,7 +137,7 @@ class Bank:
     those this replica serves, None for the others), every shard's count, and a checksum of the
     contents that depends neither on row order nor on which shards are held here."""
 
-    def __init__(self, record: BankRecord, device: torch.device, placement: Placement = Placement()):
+    def __init__(self, record: BankRecord, device: torch.device, placement: Placement = EVERY_SHARD):
         self.record = record
         shards = record.params.get("shards", 1)
         self.partitions = [Partition(make_engine(record.kind, record.dim, record.params, device))
@@ -223,7 +223,7 @@ class BankRegistry:
     (run by `follow`) brings every bank up to the store's version, and `at_version` one bank on
     demand, for read-your-writes."""
 
-    def __init__(self, store: Store, device: str | torch.device = "cpu", placement: Placement = Placement()):
+    def __init__(self, store: Store, device: str | torch.device = "cpu", placement: Placement = EVERY_SHARD):
         """`placement`: which shards of sharded banks this process serves (all of them by default)."""
         self.store = store
         self.device = torch.device(device)

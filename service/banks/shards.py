@@ -53,6 +53,9 @@ class Placement:
         return cls(index, count)
 
 
+EVERY_SHARD = Placement()  # a process that serves every shard: embedded, or the one Triton
+
+
 class ShardInfo(BaseModel):
     shard: int
     count: int  # patterns in the shard

@@ -32,7 +32,6 @@ import json
 from typing import Any
 
 import numpy as np
-
 import torch
 
 from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResults

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from amserve_client import Bank, Client, Conflict, InvalidArgument, NotFound, Stored, Usage
+from amserve_client import Bank, Client, Conflict, InvalidArgument, NotFound, Shard, Stored, Usage
 from tests.api.test_generate import running_sequences
 from tests.client.conftest import address
 from tests.helpers import wait_until
@@ -49,7 +49,7 @@ def assert_same_results(results, raw: dict) -> None:
 def test_bank_crud(sdk, client, bank_name):
     created = sdk.create_bank(bank_name, "modern", 4, {"beta": 8.0})
     assert created == Bank(name=bank_name, kind="modern", dim=4, params={"beta": 8.0}, count=0, bytes=0, version=0,
-                           checksum="0" * 16)
+                           checksum="0" * 16, shards=[Shard(shard=0, count=0, replicas=["local"])])
     assert sdk.get_bank(bank_name) == Bank.from_fields(client.get(f"/v1/banks/{bank_name}").json()) == created
     listed = {b.name: b for b in sdk.list_banks()}
     assert listed[bank_name] == created
@@ -61,6 +61,10 @@ def test_bank_crud(sdk, client, bank_name):
     assert client.get(f"/v1/banks/{bank_name}").status_code == 404
     with pytest.raises(NotFound):
         sdk.get_bank(bank_name)
+    sharded = sdk.create_bank(bank_name, "rbf", 4, {"shards": 3})
+    assert [(s.shard, s.count) for s in sharded.shards] == [(0, 0), (1, 0), (2, 0)]
+    assert sdk.get_bank(bank_name) == Bank.from_fields(client.get(f"/v1/banks/{bank_name}").json()) == sharded
+    sdk.delete_bank(bank_name)
 
 
 def test_store_and_delete_pattern(sdk, client, bank_name):
