@@ -49,7 +49,7 @@ WAITING_SEQUENCES = Gauge("amserve_waiting_sequences", "Sequences waiting for a 
 
 MODEL_OF_ROUTE = {
     "/v1/complete": "energy_transformer", "CompleteImage": "energy_transformer",
-    "/v1/generate": "llm", "/v1/completions": "llm", "Generate": "llm",
+    "/v1/generate": "llm", "/v1/completions": "llm", "/v1/chat/completions": "llm", "Generate": "llm", "Chat": "llm",
 }
 MEMORY_RPCS = {"CreateBank", "ListBanks", "GetBank", "DeleteBank", "Store", "DeletePattern", "Retrieve", "Complete"}
 

@@ -172,6 +172,34 @@ class AmserveServicer(pb_grpc.AmserveServicer):
                 yield _generate_chunk(self.ops.generate_chunk(event))
 
 
+    async def Chat(self, request, context):
+        """Server-streaming, as /v1/chat/completions with stream=true and the usage asked for."""
+        fields = {"model": request.model, "stop": list(request.stop) or None, "logprobs": request.logprobs,
+                  "ignore_eos": request.ignore_eos, "stream": True, "stream_options": {"include_usage": True},
+                  "messages": [{"role": m.role, "content": m.content} for m in request.messages]}
+        for name in ("max_tokens", "temperature", "top_p", "seed", "top_logprobs", "n", "min_tokens"):
+            if request.HasField(name):
+                fields[name] = getattr(request, name)
+        chunks = await self._call("Chat", context, lambda tenant: self.ops.stream_chat_completions(
+            tenant, schemas.ChatCompletionsRequest.model_validate(fields)))
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield _chat_chunk(chunk)
+
+
+def _chat_chunk(chunk: dict) -> pb.ChatChunk:
+    """An OpenAI chat.completion.chunk as the gRPC one (one choice, or only the usage)."""
+    if not chunk["choices"]:
+        return pb.ChatChunk(usage=pb.Usage(**chunk["usage"]))
+    choice = chunk["choices"][0]
+    message = pb.ChatChunk(index=choice["index"], role=choice["delta"].get("role", ""),
+                           text=choice["delta"].get("content", ""), finish_reason=choice["finish_reason"] or "")
+    for entry in (choice["logprobs"] or {}).get("content", []):
+        message.logprobs.CopyFrom(pb.ChatTokenLogprob(token=entry["token"], logprob=entry["logprob"], top_logprobs=[
+            pb.ChatTopLogprob(token=top["token"], logprob=top["logprob"]) for top in entry["top_logprobs"]]))
+    return message
+
+
 def _generate_chunk(chunk: dict) -> pb.GenerateChunk:
     message = pb.GenerateChunk(text=chunk["text"], finish_reason=chunk.get("finish_reason", ""))
     if "token_id" in chunk:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from http import HTTPStatus
 from typing import Annotated
 
@@ -20,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
 
@@ -32,6 +32,7 @@ from service.api.operations import Operations
 from service.banks.registry import BANK_NAME, BankInfo
 
 VERSION_HEADER = "Amserve-Bank-Version"
+NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 BankPath = Annotated[str, Path(pattern=f"^{BANK_NAME.pattern}$")]
 
@@ -75,7 +76,9 @@ def operation_id(route: APIRoute) -> str:
 # ----- dependencies ---------------------------------------------------------------------------
 
 
-def operations(request: Request) -> Operations:
+# Async, like every dependency here: FastAPI runs a plain `def` dependency in its thread pool, a hop
+# per request that costs more than what these do.
+async def operations(request: Request) -> Operations:
     return request.app.state.operations
 
 
@@ -85,16 +88,22 @@ bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
                     description="An API key from `amserve keys create`; needed when the service has keys.")
 
 
-def caller(request: Request,
-           credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> str | None:
+async def caller(request: Request,
+                 credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> str | None:
     """The tenant of the request's API key (None on an open service); 401 without a valid key."""
     return request.app.state.api_keys.tenant(f"Bearer {credentials.credentials}" if credentials else None)
 
 
-def metrics_access(request: Request) -> None:
+async def metrics_access(request: Request) -> None:
     """A key for /metrics only with --protect-metrics: the document declares no scheme for it."""
     if request.app.state.protect_metrics:
         request.app.state.api_keys.tenant(request.headers.get("authorization"))
+
+
+def json_answer(answer: BaseModel) -> Response:
+    """An answer the operations built from engine columns, as JSON serialised by pydantic-core: returned
+    as a Response, FastAPI neither re-validates it against the response model nor encodes it again."""
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 Ops = Annotated[Operations, Depends(operations)]
@@ -173,14 +182,14 @@ async def delete_pattern(bank: BankPath, pattern_id: str, ops: Ops, tenant: Call
 
 @banks.post("/{bank}/retrieve", response_model=schemas.RetrieveResponse, tags=["memory"],
             responses=answers(*WITH_BODY, 404, 409))
-async def retrieve(bank: BankPath, body: schemas.RetrieveRequest, ops: Ops, tenant: Caller):
-    return await ops.retrieve(tenant, bank, body)
+async def retrieve(bank: BankPath, body: schemas.RetrieveRequest, ops: Ops, tenant: Caller) -> Response:
+    return json_answer(await ops.retrieve(tenant, bank, body))
 
 
 @banks.post("/{bank}/complete", response_model=schemas.RetrieveResponse, tags=["memory"],
             responses=answers(*WITH_BODY, 404, 409))
-async def complete(bank: BankPath, body: schemas.CompleteRequest, ops: Ops, tenant: Caller):
-    return await ops.complete(tenant, bank, body)
+async def complete(bank: BankPath, body: schemas.CompleteRequest, ops: Ops, tenant: Caller) -> Response:
+    return json_answer(await ops.complete(tenant, bank, body))
 
 
 @models.post("/v1/complete", dependencies=[Depends(caller)], response_model=schemas.CompleteImageResponse,
@@ -200,19 +209,27 @@ async def list_models(ops: Ops):
                              "finish chunk (finish_reason, usage), then [DONE].")
 async def generate(body: schemas.GenerateRequest, request: Request, ops: Ops, tenant: Caller):
     if body.stream:
-        return server_sent_events(await ops.start_generation(tenant, body), ops.generate_chunk)
+        return server_sent_events(await ops.stream_generate(tenant, body))
     return await unless_disconnected(request, ops.generate(tenant, body))
 
 
-@generation.post("/v1/completions", description="OpenAI-compatible text completions (streaming too).",
-                 responses={**answers(*WITH_BODY, 404, 429), 200: {"content": SERVER_SENT_EVENTS}})
+@generation.post("/v1/completions", responses={**answers(*WITH_BODY, 404, 429), 200: {"content": SERVER_SENT_EVENTS}},
+                 description="OpenAI-compatible text completions (streaming too): prompt lists, echo with prompt "
+                             "logprobs (max_tokens 0 scores the prompt), n, and vLLM's min_tokens and ignore_eos.")
 async def completions(body: schemas.CompletionsRequest, request: Request, ops: Ops, tenant: Caller):
-    await ops.check_lm(body.model)
     if body.stream:
-        events = await ops.start_generation(tenant, body)
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
-        return server_sent_events(events, lambda e: ops.completion_chunk(body.model, completion_id, e))
+        return server_sent_events(await ops.stream_completions(tenant, body))
     return await unless_disconnected(request, ops.completions(tenant, body))
+
+
+@generation.post("/v1/chat/completions", responses={**answers(*WITH_BODY, 404, 429),
+                                                     200: {"content": SERVER_SENT_EVENTS}},
+                 description="OpenAI-compatible chat completions: the messages rendered with the model's own chat "
+                             "template; with stream=true, chat.completion.chunk deltas.")
+async def chat_completions(body: schemas.ChatCompletionsRequest, request: Request, ops: Ops, tenant: Caller):
+    if body.stream:
+        return server_sent_events(await ops.stream_chat_completions(tenant, body))
+    return await unless_disconnected(request, ops.chat_completions(tenant, body))
 
 
 # ----- errors ---------------------------------------------------------------------------------
@@ -257,13 +274,13 @@ def allowed_methods(request: Request) -> list[str]:
 # ----- streaming and cancellation -------------------------------------------------------------
 
 
-def server_sent_events(events: AsyncIterator[dict], to_chunk: Callable[[dict], dict]) -> StreamingResponse:
-    """`data: {json}` per event, then `data: [DONE]`. If the client leaves, Starlette cancels this
-    stream and closing `events` cancels the generation."""
+def server_sent_events(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """`data: {json}` per chunk, then `data: [DONE]`. If the client leaves, Starlette cancels this
+    stream and closing `chunks` cancels the generations."""
     async def lines() -> AsyncIterator[bytes]:
-        async with contextlib.aclosing(events):
-            async for event in events:
-                yield f"data: {json.dumps(to_chunk(event))}\n\n".encode()
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
         yield b"data: [DONE]\n\n"
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -290,8 +307,10 @@ async def unless_disconnected(request: Request, work: Awaitable, poll: float = 0
 def create_app(ops: Operations, *, max_body_bytes: int = 64 * 1024 * 1024, api_keys: ApiKeys = ApiKeys({}),
                protect_metrics: bool = False, max_in_flight: int = 512) -> FastAPI:
     # Swagger UI and ReDoc come from service.api.docs, with their assets served here, not from a CDN.
+    # No OpenTelemetry: the service exports Prometheus metrics, and FastAPI's native telemetry asks the
+    # OpenTelemetry providers (and the environment) on every request.
     app = FastAPI(title="amserve", version=__version__, docs_url=None, redoc_url=None,
-                  generate_unique_id_function=operation_id,
+                  generate_unique_id_function=operation_id, telemetry=NO_TELEMETRY,
                   description="Associative memories, the Energy Transformer and decoder LMs.")
     app.state.operations = ops
     app.state.api_keys = api_keys

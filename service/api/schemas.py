@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler,
-                      WithJsonSchema, field_validator)
+                      WithJsonSchema, field_validator, model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.banks.registry import BankInfo, MemoryResults
@@ -90,6 +90,12 @@ def row_error(index: int, row: Any, reason: str) -> ValidationError:
         type=PydanticCustomError("base64_vector", "{reason}", {"reason": reason}), loc=(index,), input=row)])
 
 
+def field_error(field: str, message: str) -> ValidationError:
+    """A validation error of one field, from a validator of the whole model (which pydantic locates at the body)."""
+    return ValidationError.from_exception_data("request", [InitErrorDetails(
+        type=PydanticCustomError("invalid_combination", message), loc=(field,), input=None)])
+
+
 def shaped_like(other: str):
     """A validator: the mask has the shape of the field `other` (when that one parsed)."""
     def check(mask: list[list[bool]], info: ValidationInfo) -> list[list[bool]]:
@@ -135,6 +141,8 @@ class DynamicsRequest(Strict):
     step_size: float | None = Field(default=None, gt=0, le=1e3, allow_inf_nan=False)
     tolerance: float | None = Field(default=None, gt=0, le=1e3, allow_inf_nan=False)
     trace: bool = False
+    explain: bool = Field(default=False, description="per step (the start included): the state, its energy and the "
+                                                     "stored patterns pulling it hardest; implies trace")
     min_version: int | None = Field(default=None, ge=0, lt=2**63,
                                     description="answer only from bank state at this version or later")
 
@@ -156,14 +164,31 @@ class Nearest(BaseModel):
     similarity: float
 
 
+State = Annotated[list[float] | str, Field(union_mode="left_to_right",  # floats first: the common answer, one pass
+                                           description="base64 of little-endian float32 with encoding_format base64")]
+
+
+class TopMemory(BaseModel):
+    id: str
+    weight: float = Field(description="softmax weight (modern, rbf), share of the feature-space similarity (drdam), "
+                                      "overlap ξ·v/D (classical, dense)")
+
+
+class ExplainedStep(BaseModel):
+    state: State
+    energy: float
+    top_memories: list[TopMemory] = Field(description="strongest first; empty where the bank keeps no patterns")
+
+
 class MemoryResult(BaseModel):
-    state: list[float] | str = Field(union_mode="left_to_right",  # floats first: the common answer, one pass
-                                     description="base64 of little-endian float32 with encoding_format base64")
+    state: State
     energy: float
     steps: int
     converged: bool
     nearest: Nearest | None
     trace: list[float] | None = None
+    explanation: list[ExplainedStep] | None = Field(default=None, description="with explain: one entry per step, "
+                                                                                  "the start included")
 
 
 class RetrieveResponse(BaseModel):
@@ -172,21 +197,38 @@ class RetrieveResponse(BaseModel):
     @classmethod
     def from_results(cls, results: MemoryResults, encoding_format: str = "float") -> RetrieveResponse:
         """The response for a backend's columns, built without re-validating what the engine made."""
-        if encoding_format == "base64":
-            states = [base64.b64encode(row).decode("ascii") for row in np.ascontiguousarray(results.states, "<f4")]
-        else:
-            states = results.states.tolist()
+        states = encoded_states(results.states, encoding_format)
         nearest = [None if pid is None else Nearest.model_construct(id=pid, similarity=similarity)
                    for pid, similarity in zip(results.nearest, results.similarity.tolist())]
         steps = results.steps.tolist()
         traces = [None] * len(steps) if results.trace is None else [
             row[:count + 1] for row, count in zip(results.trace.tolist(), steps)]
+        explanations = [None] * len(steps) if results.step_states is None else [
+            explained_steps(results, row, count, trace, encoding_format)
+            for row, (count, trace) in enumerate(zip(steps, traces))]
         return cls.model_construct(results=[
             MemoryResult.model_construct(state=state, energy=energy, steps=count, converged=converged,
-                                         nearest=near, trace=trace)
-            for state, energy, count, converged, near, trace in zip(
+                                         nearest=near, trace=trace, explanation=explanation)
+            for state, energy, count, converged, near, trace, explanation in zip(
                 states, results.energy.tolist(), steps, results.converged.tolist(), nearest,
-                traces)])
+                traces, explanations)])
+
+
+def encoded_states(states: np.ndarray, encoding_format: str) -> list:
+    """N×D float32 states as lists of floats, or base64 strings of little-endian float32."""
+    if encoding_format == "base64":
+        return [base64.b64encode(row).decode("ascii") for row in np.ascontiguousarray(states, "<f4")]
+    return states.tolist()
+
+
+def explained_steps(results: MemoryResults, row: int, steps: int, energies: list[float],
+                    encoding_format: str) -> list[ExplainedStep]:
+    """Result `row`'s steps 0..steps; its energies are the trace's."""
+    states = encoded_states(results.step_states[row, :steps + 1], encoding_format)
+    ids, weights = results.top_ids[row, :steps + 1].tolist(), results.top_weights[row, :steps + 1].tolist()
+    return [ExplainedStep.model_construct(state=state, energy=energy, top_memories=[
+                TopMemory.model_construct(id=pid, weight=weight) for pid, weight in zip(step_ids, step_weights)])
+            for state, energy, step_ids, step_weights in zip(states, energies, ids, weights)]
 
 
 class CompleteImageRequest(Strict):
@@ -205,11 +247,15 @@ class CompleteImageResponse(BaseModel):
     energy_trace: list[float]
 
 
-class SamplingFields(Strict):
-    """Sampling knobs shared by /v1/generate and the OpenAI-compatible /v1/completions."""
+MAX_PROMPT_CHARS = 1_000_000  # the schema's bound; the service's own limit (a setting) is lower
+MAX_NEW_TOKENS = 8192
+MAX_CHOICES = 64  # prompts × n; the service's own limit is lower
 
-    prompt: str = Field(max_length=1_000_000)
-    max_tokens: int = Field(default=16, ge=1, le=8192)
+
+class SamplingFields(Strict):
+    """Sampling knobs shared by /v1/generate and the OpenAI-compatible /v1/completions and /v1/chat/completions."""
+
+    max_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=1.0, ge=0, le=100, allow_inf_nan=False, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
@@ -221,6 +267,7 @@ class SamplingFields(Strict):
 
 
 class GenerateRequest(SamplingFields):
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     top_k: int = Field(default=0, ge=0, le=1_000_000, description="0 = off")
     logprobs: int | None = Field(default=None, ge=0, le=20, description="top-n alternatives per token")
     timeout: float | None = Field(default=None, gt=0, le=3600, description="seconds before finish_reason=deadline")
@@ -244,21 +291,112 @@ class GenerateResponse(BaseModel):
     logprobs: list[TokenLogprob] | None = None
 
 
-class CompletionsRequest(SamplingFields):
-    """OpenAI `POST /v1/completions` (the fields this service honours; n > 1 and echo are refused)."""
+class StreamOptions(Strict):
+    include_usage: bool = Field(default=False, description="a last chunk with the usage and no choices")
+
+
+class OpenAIFields(SamplingFields):
+    """What OpenAI's completions and chat completions share, with vLLM's extensions."""
 
     model: str
-    logprobs: int | None = Field(default=None, ge=0, le=5)
-    n: int = Field(default=1, ge=1, le=1)
-    echo: bool = Field(default=False)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="choices per prompt; choice i samples with seed + i")
+    stream_options: StreamOptions | None = None
     user: str | None = None
+    min_tokens: int = Field(default=0, ge=0, le=MAX_NEW_TOKENS,
+                            description="(vLLM) no end-of-sequence token before this many tokens")
+    ignore_eos: bool = Field(default=False, description="(vLLM) generate past the end-of-sequence token")
 
-    @field_validator("echo")
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+class CompletionsRequest(OpenAIFields):
+    """OpenAI `POST /v1/completions`: one choice per prompt and n, index ordered (prompt-major)."""
+
+    prompt: (Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+             | Annotated[list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]],
+                         Field(min_length=1, max_length=MAX_CHOICES)]
+             | Annotated[list[TokenId], Field(min_length=1, max_length=MAX_NEW_TOKENS * 16)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1, max_length=MAX_NEW_TOKENS * 16)]],
+                         Field(min_length=1, max_length=MAX_CHOICES)]) = Field(
+        description="a text, texts, token ids, or lists of token ids: one choice (n choices) per prompt")
+    max_tokens: int = Field(default=16, ge=0, le=MAX_NEW_TOKENS, description="0 with echo: score the prompt only")
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="the n most likely alternatives per token")
+    echo: bool = Field(default=False, description="the prompt first in the text; with logprobs, its tokens' too "
+                                                  "(the first one's null)")
+
+    @model_validator(mode="after")
+    def _scoring_needs_echo(self) -> CompletionsRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise field_error("max_tokens", "0 is for scoring the prompt, with echo true")
+        if self.min_tokens > self.max_tokens:
+            raise field_error("min_tokens", "more than max_tokens")
+        return self
+
+    @field_validator("prompt", mode="wrap")
     @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
+    def _one_prompt_shape(cls, prompt: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One message for the four shapes, instead of one per shape tried."""
+        try:
+            return handler(prompt)
+        except ValidationError:
+            raise PydanticCustomError("prompt", "must be a string, or a non-empty array of strings, of token ids "
+                                      "(integers >= 0) or of non-empty arrays of token ids") from None
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text or token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[list[TextPart], Field(
+        min_length=1, max_length=10_000)]
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _one_content_shape(cls, content: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One message for both shapes, instead of one per shape tried."""
+        try:
+            return handler(content)
+        except ValidationError:
+            raise PydanticCustomError("content", 'must be a string or a non-empty array of {"type": "text", "text"} '
+                                      "parts") from None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionsRequest(OpenAIFields):
+    """OpenAI `POST /v1/chat/completions`: the messages rendered with the model's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS,
+                                   description="as max_completion_tokens (OpenAI's older name)")
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS,
+                                              description="default: the service's limit of new tokens")
+    logprobs: bool = Field(default=False, description="each generated token's logprob")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20,
+                                     description="the n most likely alternatives per token; needs logprobs")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionsRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise field_error("top_logprobs", "needs logprobs true")
+        new_tokens = self.max_completion_tokens or self.max_tokens
+        if new_tokens is not None and self.min_tokens > new_tokens:
+            raise field_error("min_tokens", "more than max_completion_tokens")
+        return self
 
 
 class ModelCard(BaseModel):

@@ -10,6 +10,7 @@ import numpy as np
 from service.banks.registry import BankInfo, DynamicsOptions, MemoryResults
 from service.engines.lm.sampling import SamplingParams
 from service.engines.memory import KINDS
+from service.serving.scheduler import Prompt
 
 MEMORY_MODEL = "associative-memory"
 IMAGE_MODEL = "energy-transformer"
@@ -71,11 +72,12 @@ class Backend(Protocol):
         """Energy Transformer: one H×W image in [0,1] and its missing-pixel mask → (image, energy trace)."""
         ...
 
-    async def generate(self, prompt: str, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
+    async def generate(self, prompt: Prompt, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
         """Submit a generation (errors such as a full queue or a too-long prompt are raised here, before
-        any token) and return its event stream: {"type": "token", "token_id", "text", "logprobs"} per
-        token, then one {"type": "finish", "finish_reason", "text", "usage", "error"}. Closing the
-        stream early cancels the sequence."""
+        any token) and return its event stream: with params.echo first {"type": "prompt", "token_ids", "tokens",
+        "text", "logprobs"}, then {"type": "token", "token_id", "text", "logprobs"} per token, then one
+        {"type": "finish", "finish_reason", "text", "usage", "error"}. Closing the stream early cancels
+        the sequence."""
         ...
 
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,

@@ -22,7 +22,7 @@ from service.engines.lm import SamplingParams, Tokenizer
 from service.engines.lm.weights import DEFAULT_MODEL_NAME, default_gguf_path, load_model
 from service.errors import Overloaded, TooManyRequests, Unavailable
 from service.serving.batching import MicroBatcher
-from service.serving.scheduler import FinishEvent, GenerationRequest, Scheduler, event_dict
+from service.serving.scheduler import FinishEvent, GenerationRequest, Prompt, Scheduler, event_dict
 
 # How long a read asking for a bank version this replica has not applied yet may wait for it.
 MAX_LAG_WAIT_S = 2.0
@@ -125,13 +125,13 @@ class EmbeddedBackend:
                 ] if self.scheduler is not None else []
         return text + [memory_card(self.registry is not None), image_card(self.image_model is not None, image_size)]
 
-    async def generate(self, prompt: str, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
+    async def generate(self, prompt: Prompt, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
         if self.scheduler is None:
             raise Unavailable("no language model is served (started with --model none)")
         loop = asyncio.get_running_loop()
         deadline_at = None if deadline is None else time.monotonic() + deadline
-        # Pure-Python BPE can take seconds on a long prompt: never on the event loop.
-        prompt_ids = await loop.run_in_executor(self._tokenizer_thread, self.tokenizer.encode, prompt)
+        # Pure-Python BPE can take seconds on a long prompt, and so can a template: never on the event loop.
+        prompt_ids = await loop.run_in_executor(self._tokenizer_thread, self.scheduler.prompt_ids, prompt)
         events: asyncio.Queue = asyncio.Queue()
         request = GenerationRequest(prompt_ids, params, deadline_at)
         try:

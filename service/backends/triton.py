@@ -50,6 +50,7 @@ from service.triton.wire import error_from_message
 
 if TYPE_CHECKING:
     from service.engines.lm.sampling import SamplingParams
+    from service.serving.scheduler import Prompt
 
 QUEUE_FULL = "Exceeds maximum queue size"
 # How long a replica that failed a call goes to the back of the line.
@@ -222,7 +223,7 @@ class TritonBackend:
                                    ("IMAGE", "ENERGY_TRACE"), failover=True)
         return answer.as_numpy("IMAGE")[0], answer.as_numpy("ENERGY_TRACE")[0]
 
-    async def generate(self, prompt: str, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
+    async def generate(self, prompt: Prompt, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
         """The generation's events, from a gRPC stream of its own to the decoupled `llm` model.
 
         Triton answers a refusal (a too-long prompt, a full queue) as the stream's first response, so
@@ -352,7 +353,8 @@ class TritonBackend:
 
         front.fan_out(lambda states: asyncio.run_coroutine_threadsafe(fan_out(states.numpy()), loop).result())
         out = await asyncio.to_thread(
-            front.run, queries, clamp=mask, steps=options.steps, step_size=options.step_size, tolerance=options.tolerance, trace=options.trace)
+            front.run, queries, clamp=mask, steps=options.steps, step_size=options.step_size, tolerance=options.tolerance, trace=options.trace,
+            explain=options.explain)
         return results_of(out, [labels[row] if row >= 0 else None for row in out.nearest.tolist()])
 
     async def _partial(self, name: str, shard: int, shards: int, states: np.ndarray, min_version: int

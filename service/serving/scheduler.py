@@ -38,9 +38,12 @@ class Chat:
     messages: tuple[dict[str, str], ...]  # {"role", "content"}
 
 
+Prompt = str | Sequence[int] | Chat  # text, token ids used as given, or a conversation
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str | Sequence[int] | Chat  # text, token ids used as given, or a conversation
+    prompt: Prompt
     params: SamplingParams = field(default_factory=SamplingParams)
     deadline: float | None = None  # time.monotonic() value after which it finishes with "deadline"
 
@@ -141,7 +144,7 @@ class Scheduler:
 
     def submit(self, request: GenerationRequest, on_event: Callable[[Event], None]) -> RequestHandle:
         """Queue a request; `on_event` is then called from the scheduler thread."""
-        prompt_ids = self._prompt_ids(request.prompt)
+        prompt_ids = self.prompt_ids(request.prompt)
         if len(prompt_ids) > self.max_context:
             raise InvalidArgument(f"prompt is {len(prompt_ids)} tokens, the context holds {self.max_context}",
                                   field="prompt")
@@ -176,7 +179,9 @@ class Scheduler:
         if threading.current_thread() is not self._thread:  # close() may come from an on_event callback
             self._thread.join()
 
-    def _prompt_ids(self, prompt: str | Sequence[int] | Chat) -> list[int]:
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """The ids `submit` runs, checked (tokenising is slow on a long text: callers on an event loop
+        call this in a thread, then submit the ids)."""
         if isinstance(prompt, Chat):
             ids = self.tokenizer.encode_chat(prompt.messages)
         else:
@@ -339,7 +344,8 @@ def event_dict(event: Event, tokenizer: Tokenizer) -> dict:
         return {"type": "finish", "finish_reason": event.finish_reason, "text": event.text, "error": event.error,
                 "usage": event.usage.model_dump()}
     if isinstance(event, PromptEvent):
-        return {"type": "prompt", "token_ids": event.token_ids, "text": event.text, "logprobs": None if
+        return {"type": "prompt", "token_ids": event.token_ids, "text": event.text,
+                "tokens": [tokenizer.decode([i]) for i in event.token_ids], "logprobs": None if
                 event.logprobs is None else [_logprobs_dict(e, tokenizer) if e else None for e in event.logprobs]}
     logprobs = None if event.logprobs is None else _logprobs_dict(event.logprobs, tokenizer)
     return {"type": "token", "token_id": event.token_id, "text": event.text, "logprobs": logprobs}

@@ -3,12 +3,16 @@
 A decoupled model: one request is one generation and gets any number of responses. Inputs, without
 the batch dimension (each request is one batch item):
 
-    PROMPT   BYTES [1]   the prompt, UTF-8
-    PARAMS   BYTES [1]   JSON object: max_tokens, temperature, top_k, top_p, seed, stop, logprobs
-                         (SamplingParams' fields, all optional) and timeout (seconds, optional)
+    PROMPT   BYTES [1]   the prompt, UTF-8: its text; or with prompt_kind "token_ids" a JSON array of
+                         token ids, with "chat" a JSON array of {"role", "content"} messages, rendered
+                         with the model's chat template (the model holds the tokenizer, not the gateway)
+    PARAMS   BYTES [1]   JSON object: SamplingParams' fields (max_tokens, temperature, top_k, top_p,
+                         seed, stop, logprobs, echo, min_tokens, ignore_eos; all optional), timeout
+                         (seconds, optional) and prompt_kind ("text", the default, "token_ids", "chat")
 
-Output TOKEN BYTES [1]: one JSON event per response, the dicts the embedded backend yields —
-{"type": "token", "token_id", "text", "logprobs"} per token, then {"type": "finish", "finish_reason",
+Output TOKEN BYTES [1]: one JSON event per response, the dicts the embedded backend yields — with
+echo first {"type": "prompt", "token_ids", "tokens", "text", "logprobs"}, {"type": "token", "token_id", "text",
+"logprobs"} per token, then {"type": "finish", "finish_reason",
 "text", "usage", "error"}, sent with TRITONSERVER_RESPONSE_COMPLETE_FINAL. A request refused at
 submission (bad parameters, a prompt longer than the context, a full waiting queue) gets one final
 error response instead, with the JSON error of service/triton/wire.py.
@@ -35,7 +39,8 @@ import numpy as np
 from service.engines.lm import SamplingParams
 from service.engines.lm.weights import DEFAULT_MODEL_NAME
 from service.errors import InvalidArgument
-from service.serving.scheduler import FinishEvent, GenerationRequest, RequestHandle, Scheduler, TokenEvent, event_dict
+from service.serving.scheduler import (Chat, Event, FinishEvent, GenerationRequest, Prompt, RequestHandle, Scheduler,
+                                       event_dict)
 from service.triton.wire import text_tensor, text_value
 
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
@@ -72,6 +77,7 @@ def parse_request(prompt: np.ndarray | None, params: np.ndarray | None) -> Gener
     if not isinstance(values, dict):
         raise InvalidArgument("PARAMS must be a JSON object", field="params")
     timeout = values.pop("timeout", None)
+    kind = values.pop("prompt_kind", "text")
     unknown = sorted(set(values) - set(SAMPLING_FIELDS))
     if unknown:
         raise InvalidArgument(f"unknown generation parameter {unknown[0]!r}", field=unknown[0])
@@ -80,7 +86,27 @@ def parse_request(prompt: np.ndarray | None, params: np.ndarray | None) -> Gener
     sampling = SamplingParams(**values)  # validates, naming the field
     if timeout is not None and (not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0):
         raise InvalidArgument("timeout must be a positive number of seconds", field="timeout")
-    return GenerationRequest(text, sampling, None if timeout is None else time.monotonic() + timeout)
+    return GenerationRequest(prompt_of(kind, text), sampling, None if timeout is None else time.monotonic() + timeout)
+
+
+def prompt_of(kind: Any, text: str) -> Prompt:
+    if kind == "text":
+        return text
+    if kind not in ("token_ids", "chat"):
+        raise InvalidArgument('prompt_kind must be "text", "token_ids" or "chat"', field="prompt_kind")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if kind == "token_ids":
+        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise InvalidArgument("prompt must be a JSON array of token ids", field="prompt")
+        return value
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and set(m) == {"role", "content"} and all(isinstance(v, str) for v in m.values())
+            for m in value):
+        raise InvalidArgument('prompt must be a JSON array of {"role", "content"} string messages', field="prompt")
+    return Chat(tuple(value))
 
 
 # ----- the model's request handling ------------------------------------------------------------
@@ -134,7 +160,7 @@ class TextGeneration:
         if cancelled:
             self.scheduler.cancel(handle)
 
-    def _on_event(self, generation: _Generation, event: TokenEvent | FinishEvent) -> None:
+    def _on_event(self, generation: _Generation, event: Event) -> None:
         with self._lock:
             generation.started = True
             self._waiting.discard(generation)
@@ -174,12 +200,16 @@ class TextGeneration:
 # ----- the gateway's side ---------------------------------------------------------------------
 
 
-def request_arrays(prompt: str, params: SamplingParams, timeout: float | None) -> dict[str, np.ndarray]:
+def request_arrays(prompt: Prompt, params: SamplingParams, timeout: float | None) -> dict[str, np.ndarray]:
     """The inputs of one request, batch dimension included, as the model reads them."""
     values: dict[str, Any] = asdict(params)
     values["stop"] = list(params.stop)
     if timeout is not None:
         values["timeout"] = timeout
+    if isinstance(prompt, Chat):
+        values["prompt_kind"], prompt = "chat", json.dumps(list(prompt.messages))
+    elif not isinstance(prompt, str):
+        values["prompt_kind"], prompt = "token_ids", json.dumps(list(prompt))
     return {"PROMPT": text_tensor(prompt), "PARAMS": text_tensor(json.dumps(values))}
 
 

@@ -89,6 +89,11 @@ class AmserveStub:
                 request_serializer=amserve_dot_v1_dot_amserve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=amserve_dot_v1_dot_amserve__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/amserve.v1.Amserve/Chat',
+                request_serializer=amserve_dot_v1_dot_amserve__pb2.ChatRequest.SerializeToString,
+                response_deserializer=amserve_dot_v1_dot_amserve__pb2.ChatChunk.FromString,
+                _registered_method=True)
 
 
 class AmserveServicer:
@@ -163,6 +168,14 @@ class AmserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Chat(self, request, context):
+        """OpenAI chat completions, streamed as /v1/chat/completions with stream=true: per choice a chunk
+        with the role, then text deltas, then finish_reason; last, one chunk with only the usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AmserveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +233,11 @@ def add_AmserveServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=amserve_dot_v1_dot_amserve__pb2.GenerateRequest.FromString,
                     response_serializer=amserve_dot_v1_dot_amserve__pb2.GenerateChunk.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=amserve_dot_v1_dot_amserve__pb2.ChatRequest.FromString,
+                    response_serializer=amserve_dot_v1_dot_amserve__pb2.ChatChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -519,6 +537,33 @@ class Amserve:
             '/amserve.v1.Amserve/Generate',
             amserve_dot_v1_dot_amserve__pb2.GenerateRequest.SerializeToString,
             amserve_dot_v1_dot_amserve__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/amserve.v1.Amserve/Chat',
+            amserve_dot_v1_dot_amserve__pb2.ChatRequest.SerializeToString,
+            amserve_dot_v1_dot_amserve__pb2.ChatChunk.FromString,
             options,
             channel_credentials,
             insecure,
