@@ -14,6 +14,8 @@ from service.errors import ServiceError
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
     from service.server import serve
 
     settings = Settings.from_env(
@@ -26,8 +28,10 @@ def _serve(args: argparse.Namespace) -> int:
         max_context=args.max_context, api_keys_file=args.api_keys_file,
         protect_metrics=args.protect_metrics or None, max_dim=args.max_dim, max_new_tokens=args.max_new_tokens,
         max_streams_per_tenant=args.max_streams_per_tenant, max_in_flight=args.max_in_flight,
-        max_prompt_chars=args.max_prompt_chars)
-    asyncio.run(serve(settings))
+        max_prompt_chars=args.max_prompt_chars, max_explain_states=args.max_explain_states,
+        max_attention_weights=args.max_attention_weights)
+    # uvloop: the event loop carries every REST and gRPC request, and uvloop's costs less per request.
+    uvloop.run(serve(settings))
     return 0
 
 
@@ -54,6 +58,10 @@ def _add_serve(commands) -> None:
     p.add_argument("--max-streams-per-tenant", type=int, help="generations in progress per caller (default 8)")
     p.add_argument("--max-prompt-chars", type=int, help="longest prompt in characters, checked before tokenising "
                                                          "(default 32768)")
+    p.add_argument("--max-explain-states", type=int, help='states an explained retrieve lists: queries × (steps + 1) '
+                                                           "(default 10000)")
+    p.add_argument("--max-attention-weights", type=int, help="attention weights one /v1/explain answers: layers × "
+                                                              "heads × tokens² (default 4000000)")
     p.add_argument("--model", help='LM to serve: "default" (SmolLM2-135M-Instruct), a GPT-2/Llama checkpoint '
                                    'directory or .gguf file, or "none"')
     p.add_argument("--max-running-sequences", type=int, help="LM decode slots (default 16)")

@@ -37,6 +37,8 @@ class Settings:
     max_new_tokens: int = 2048
     max_streams_per_tenant: int = 8
     max_prompt_chars: int = 32_768
+    max_explain_states: int = 10_000        # explained retrieval: queries × (steps + 1) states per request
+    max_attention_weights: int = 4_000_000  # /v1/explain: layers × heads × tokens² weights per request
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

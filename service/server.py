@@ -58,7 +58,9 @@ async def serve(settings: Settings, backend: Backend | None = None) -> None:
     ops = Operations(backend, Limits(max_vectors=settings.max_vectors_per_request, max_dim=settings.max_dim,
                                      max_new_tokens=settings.max_new_tokens,
                                      max_streams_per_tenant=settings.max_streams_per_tenant,
-                                     max_prompt_chars=settings.max_prompt_chars))
+                                     max_prompt_chars=settings.max_prompt_chars,
+                                     max_explain_states=settings.max_explain_states,
+                                     max_attention_weights=settings.max_attention_weights))
     app = create_app(ops, max_body_bytes=settings.max_body_bytes, api_keys=api_keys,
                      protect_metrics=settings.protect_metrics, max_in_flight=settings.max_in_flight)
     rest = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.rest_port, log_level="warning",

@@ -192,7 +192,7 @@ class EmbeddedBackend:
                 self._sync_thread, self.registry.at_version, name, min_version, MAX_LAG_WAIT_S)
         part = self.registry.check_queries(name, queries, clamp)  # a bad request fails alone, not its batch
         return await self.batcher.submit((name, options.steps, options.step_size, options.tolerance,
-                                          options.trace), part, rows=len(queries))
+                                          options.trace, options.explain), part, rows=len(queries))
 
     def _run_batch(self, key: tuple, parts: list) -> list[MemoryResults]:
         name = key[0]

@@ -76,6 +76,7 @@ class DynamicsOptions:
     step_size: float | None = None
     tolerance: float | None = None
     trace: bool = False
+    explain: bool = False
 
 
 @dataclass(eq=False)
@@ -90,6 +91,11 @@ class MemoryResults:
     nearest: list[str | None]  # id of the most similar stored pattern (None: the kind keeps none)
     similarity: np.ndarray  # N float32 cosine similarity to it
     trace: np.ndarray | None  # N×(S+1) float32 energies, NaN past row i's steps[i]+1 entries
+    # With explain, per step as the trace (NaN / None past a row's steps): the state, and the ids and
+    # weights of the n stored patterns pulling it hardest.
+    step_states: np.ndarray | None = None  # N×(S+1)×D float32
+    top_ids: np.ndarray | None = None  # N×(S+1)×n object (str, or None past the steps)
+    top_weights: np.ndarray | None = None  # N×(S+1)×n float32
 
     def __len__(self) -> int:
         return len(self.states)
@@ -97,15 +103,17 @@ class MemoryResults:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MemoryResults):
             return NotImplemented
-        arrays = ("states", "energy", "steps", "converged", "similarity", "trace")
-        return self.nearest == other.nearest and all(
+        arrays = ("states", "energy", "steps", "converged", "similarity", "trace", "step_states", "top_weights")
+        return self.nearest == other.nearest and _same(self.top_ids, other.top_ids) and all(
             _same(getattr(self, name), getattr(other, name)) for name in arrays)
 
     def rows(self, start: int, stop: int) -> MemoryResults:
         """Rows start..stop-1: one request's share of a batch (views, no copies)."""
+        def part(column: np.ndarray | None) -> np.ndarray | None:
+            return None if column is None else column[start:stop]
         return MemoryResults(self.states[start:stop], self.energy[start:stop], self.steps[start:stop],
                              self.converged[start:stop], self.nearest[start:stop], self.similarity[start:stop],
-                             None if self.trace is None else self.trace[start:stop])
+                             part(self.trace), part(self.step_states), part(self.top_ids), part(self.top_weights))
 
 
 class Partition:
@@ -199,10 +207,11 @@ class Bank:
         """The dynamics over the whole bank; the caller holds the lock."""
         engine = self.front if self.sharded else self.partition(0).engine
         out = engine.run(queries, clamp=clamp, steps=options.steps, step_size=options.step_size,
-                         tolerance=options.tolerance, trace=options.trace)
+                         tolerance=options.tolerance, trace=options.trace, explain=options.explain)
         nearest = [self.partitions[shard].ids[row] if row >= 0 else None
                    for shard, row in zip(out.shard.tolist(), out.nearest.tolist())]
-        return results_of(out, nearest)
+        # An explained bank has one shard (the engine refuses others), whose rows the top memories are.
+        return results_of(out, nearest, self.partitions[0].ids if options.explain else None)
 
     def info(self, replicas: Sequence[str] = ("local",)) -> BankInfo:
         """`replicas`: the names of the replicas that serve shards, in the order placement indexes them."""
@@ -487,8 +496,15 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-def results_of(out: Retrieval, nearest: list[str | None]) -> MemoryResults:
-    """The engine's CPU tensors as numpy views, with the ids of the nearest patterns."""
-    return MemoryResults(states=out.states.numpy(), energy=out.energy.numpy(), steps=out.steps.numpy(),
-                         converged=out.converged.numpy(), nearest=nearest, similarity=out.similarity.numpy(),
-                         trace=None if out.trace is None else out.trace.numpy())
+def results_of(out: Retrieval, nearest: list[str | None], ids: list[str] | None = None) -> MemoryResults:
+    """The engine's CPU tensors as numpy views, with the ids of the nearest patterns (and with an
+    explanation, `ids` of the bank's rows for its top memories)."""
+    results = MemoryResults(states=out.states.numpy(), energy=out.energy.numpy(), steps=out.steps.numpy(),
+                            converged=out.converged.numpy(), nearest=nearest, similarity=out.similarity.numpy(),
+                            trace=None if out.trace is None else out.trace.numpy())
+    if out.explanation is not None:
+        names = np.array([*ids, None], dtype=np.object_)  # row −1 (past a query's steps) reads None
+        results.step_states = out.explanation.states.numpy()
+        results.top_ids = names[out.explanation.top_rows.numpy()]
+        results.top_weights = out.explanation.top_weights.numpy()
+    return results

@@ -6,14 +6,16 @@ requests). Inputs (names and types in service/triton/spec.py):
     OP       BYTES [1]        create | list | info | delete | store | delete_pattern | run | partial
     BANK     BYTES [1]        bank name ("" for list)
     ARGS     BYTES [1]        JSON object: create {kind, dim, params}, store {ids}, delete_pattern {id},
-                              run {steps, step_size, tolerance, trace, min_version},
+                              run {steps, step_size, tolerance, trace, explain, min_version},
                               partial {shard, shards, min_version}
     VECTORS  FP32  [N, D]     store: patterns; run: queries; partial: states (optional, ragged)
     CLAMP    BOOL  [N, D]     run: True = known entry, clamped; absent for a plain retrieve (optional, ragged)
 
 A run answers the columns of `MemoryResults`, one row per query: STATES FP32 [N, D], ENERGY FP32 [N],
 STEPS INT64 [N], CONVERGED BOOL [N], NEAREST BYTES [N] (the id, "" when the kind keeps no patterns),
-SIMILARITY FP32 [N] and TRACE FP32 [N, S+1] (NaN-padded; [N, 0] without trace). Every other op answers
+SIMILARITY FP32 [N], TRACE FP32 [N, S+1] (NaN-padded; [N, 0] without trace), and with explain per step
+STEP_STATES FP32 [N, S+1, D], TOP_IDS BYTES [N, S+1, n] ("" past a row's steps) and TOP_WEIGHTS FP32
+[N, S+1, n] (all three [N, 0, 0] without explain). Every other op answers
 RESULT BYTES [1], JSON: bank info, a list of them, {ids, count, version}, {version} or {}.
 A partial (one shard's share of one dynamics step of a sharded bank, service/engines/memory/shards.py)
 answers MAX_LOGIT FP64 [N], TOTAL FP64 [N], WEIGHTED FP64 [N, D], BEST FP64 [N], NEAREST BYTES [N]
@@ -42,7 +44,8 @@ from service.triton.wire import json_tensor, text_tensor, text_value
 
 OPS = ("create", "list", "info", "delete", "store", "delete_pattern", "run", "partial")
 READ_OPS = ("list", "info", "run", "partial")
-RUN_OUTPUTS = ("STATES", "ENERGY", "STEPS", "CONVERGED", "NEAREST", "SIMILARITY", "TRACE")
+RUN_OUTPUTS = ("STATES", "ENERGY", "STEPS", "CONVERGED", "NEAREST", "SIMILARITY", "TRACE", "STEP_STATES", "TOP_IDS",
+               "TOP_WEIGHTS")
 PARTIAL_OUTPUTS = ("MAX_LOGIT", "TOTAL", "WEIGHTED", "BEST", "NEAREST", "RESULT")
 NO_VECTORS = np.zeros((0, 0), dtype=np.float32)
 
@@ -78,18 +81,29 @@ def output_names(op: str) -> tuple[str, ...]:
 
 def encode_results(results: MemoryResults) -> Outputs:
     trace = results.trace if results.trace is not None else np.zeros((len(results), 0), dtype=np.float32)
+    unexplained = np.zeros((len(results), 0, 0), dtype=np.float32)
+    explained = results.step_states is not None
     return {"STATES": results.states, "ENERGY": results.energy, "STEPS": results.steps,
             "CONVERGED": results.converged, "SIMILARITY": results.similarity, "TRACE": trace,
-            "NEAREST": np.array([(pid or "").encode() for pid in results.nearest], dtype=np.object_)}
+            "NEAREST": np.array([(pid or "").encode() for pid in results.nearest], dtype=np.object_),
+            "STEP_STATES": results.step_states if explained else unexplained,
+            "TOP_IDS": (np.vectorize(lambda pid: (pid or "").encode(), otypes=[np.object_])(results.top_ids)
+                        if explained else unexplained.astype(np.object_)),
+            "TOP_WEIGHTS": results.top_weights if explained else unexplained}
 
 
 def decode_results(outputs: dict[str, np.ndarray]) -> MemoryResults:
     """A run's outputs, without the batch dimension, back to the columns the registry returned."""
-    trace = outputs["TRACE"]
+    trace, step_states = outputs["TRACE"], outputs["STEP_STATES"]
+    explained = step_states.shape[1] > 0
     return MemoryResults(states=outputs["STATES"], energy=outputs["ENERGY"], steps=outputs["STEPS"],
                          converged=outputs["CONVERGED"], similarity=outputs["SIMILARITY"],
                          nearest=[pid.decode() or None for pid in outputs["NEAREST"]],
-                         trace=trace if trace.shape[1] else None)
+                         trace=trace if trace.shape[1] else None,
+                         step_states=step_states if explained else None,
+                         top_ids=(np.vectorize(lambda pid: pid.decode() or None, otypes=[np.object_])(outputs["TOP_IDS"])
+                                  if explained else None),
+                         top_weights=outputs["TOP_WEIGHTS"] if explained else None)
 
 
 def encode_partial(partial: Partial, ids: list[str | None]) -> Outputs:

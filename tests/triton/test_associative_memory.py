@@ -138,15 +138,17 @@ def test_requests_see_the_effects_of_earlier_ones_in_the_batch(registry, pattern
     assert isinstance(answers[4], NotFound) and isinstance(answers[5], NotFound)
 
 
-def test_results_cross_the_wire_unchanged(registry, patterns):
+@pytest.mark.parametrize("options", [{"trace": True}, {"explain": True}])
+def test_results_cross_the_wire_unchanged(registry, patterns, options):
     """The columns, sent as raw tensor bytes, decode to the exact MemoryResults the registry returned."""
-    direct = run_alone(registry, "a", patterns[:3] * 0.5, options=DynamicsOptions(trace=True))
-    [answer] = AssociativeMemory(registry).execute([run_request("a", patterns[:3] * 0.5, trace=True)])
+    direct = run_alone(registry, "a", patterns[:3] * 0.5, options=DynamicsOptions(**options))
+    [answer] = AssociativeMemory(registry).execute([run_request("a", patterns[:3] * 0.5, **options)])
     sent = {name: value if value.dtype == np.object_ else np.frombuffer(value.tobytes(), value.dtype).reshape(
         value.shape) for name, value in answer.items()}
     assert set(sent) == set(RUN_OUTPUTS)
     assert results(sent) == direct
     assert np.isnan(direct.trace).any() or direct.steps.min() == direct.steps.max()
+    assert (direct.step_states is not None) == options.get("explain", False)
 
 
 @pytest.mark.parametrize("error", [

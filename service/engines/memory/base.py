@@ -26,6 +26,8 @@ MAX_DIM = 65_536
 MAX_HALVINGS = 30
 # Halvings a line search tries in one evaluation once the full step was refused.
 PROBES = 8
+# Stored patterns an explained step lists, the strongest first.
+TOP_MEMORIES = 5
 
 
 @dataclass
@@ -40,6 +42,17 @@ class Retrieval:
     shard: Tensor  # B int64 (0 for an unsharded bank)
     similarity: Tensor  # B float32 cosine similarity to it (nan if unknown)
     trace: Tensor | None  # B×(S+1) energies at the start and after every step, NaN once a query stopped
+    explanation: Explanation | None = None
+
+
+@dataclass
+class Explanation:
+    """With explain: every step's state and the stored patterns pulling it, aligned with the trace
+    (entry 0 the start; NaN states and row −1 once a query stopped)."""
+
+    states: Tensor  # B×(S+1)×D float32
+    top_rows: Tensor  # B×(S+1)×n int64 rows (in the bank's only shard) of the n strongest patterns, −1 for none
+    top_weights: Tensor  # B×(S+1)×n float32 their weights (see MemoryEngine.memory_weights)
 
 
 @dataclass
@@ -83,6 +96,7 @@ class Descent:
     steps: Tensor
     converged: Tensor
     trace: list[Tensor]  # B energies at the start and after each round of updates
+    path: list[Tensor] | None  # with explain: B×D states at the start and after each round, as the trace
     overlaps: Tensor | None = None  # Ξv at the final states when the dynamics already hold it
     nearest: Nearest | None = None  # or the nearest pattern itself
 
@@ -220,9 +234,13 @@ class MemoryEngine:
         step_size: float | None = None,
         tolerance: float | None = None,
         trace: bool = False,
+        explain: bool = False,
     ) -> Retrieval:
-        """Run the dynamics from B×D queries; `clamp` (B×D bool, True = known) pins entries."""
+        """Run the dynamics from B×D queries; `clamp` (B×D bool, True = known) pins entries. `explain`
+        records every step's state and top memories (and implies `trace`)."""
         self._require_patterns()
+        if explain:
+            self._check_explainable()
         states = queries.to(self.device, torch.float32).clone()
         if self.binary:
             states = torch.where(states >= 0, 1.0, -1.0)
@@ -233,6 +251,7 @@ class MemoryEngine:
             self._checked_steps(steps),
             self._checked_step_size(step_size),
             self._checked_tolerance(tolerance),
+            [] if explain else None,
         )
         nearest = descent.nearest or self._nearest(descent.states, descent.overlaps)
         state_norms = torch.linalg.vector_norm(descent.states, dim=-1).double()
@@ -246,12 +265,41 @@ class MemoryEngine:
             nearest=nearest.row.cpu(),
             shard=nearest.shard.cpu(),
             similarity=similarity.float().cpu(),
-            trace=_padded(descent.trace, descent.steps) if trace else None,
+            trace=_padded(descent.trace, descent.steps) if trace or explain else None,
+            explanation=self._explained(descent.path, descent.steps) if explain else None,
         )
 
-    def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float) -> Descent:
-        """Run at most `steps` updates; only entries where `free` is True may change."""
+    def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float,
+                 path: list[Tensor] | None) -> Descent:
+        """Run at most `steps` updates; only entries where `free` is True may change. With `path` (a
+        list), a copy of the states at the start and after each round is appended to it."""
         raise NotImplementedError
+
+    # ----- explanation ------------------------------------------------------------------
+
+    def _check_explainable(self) -> None:
+        """Raise InvalidArgument(field="explain") where this engine cannot explain its steps."""
+
+    def memory_weights(self, states: Tensor) -> Tensor | None:
+        """How strongly each stored pattern pulls each of B states (B×K), or None where the kind keeps
+        no patterns: the overlap ξ·v/D for the binary kinds, the softmax weight for the log-sum-exp
+        kinds, the share of ⟨φ(v), T⟩ for DrDAM."""
+        raise NotImplementedError
+
+    def _explained(self, path: list[Tensor], steps: Tensor) -> Explanation:
+        states = torch.stack(path, dim=1).float()  # B×(S+1)×D
+        batch, length = states.shape[:2]
+        weights = self.memory_weights(states.reshape(batch * length, self.dim))
+        top = min(TOP_MEMORIES, self.count if weights is not None else 0)
+        if top:
+            top_weights, top_rows = weights.float().topk(top, dim=-1)
+        else:
+            top_weights = torch.empty(batch * length, 0, device=self.device)
+            top_rows = torch.empty(batch * length, 0, dtype=torch.int64, device=self.device)
+        stopped = (torch.arange(length, device=self.device)[None, :] > steps[:, None])[..., None]
+        return Explanation(states=states.masked_fill(stopped, math.nan).cpu(),
+                           top_rows=top_rows.reshape(batch, length, top).masked_fill(stopped, -1).cpu(),
+                           top_weights=top_weights.reshape(batch, length, top).masked_fill(stopped, math.nan).cpu())
 
     def _bookkeeping(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
         """Per query at the start of a descent: still moving (all), converged (none), steps taken (0)."""
@@ -342,10 +390,16 @@ class BinaryMemory(MemoryEngine):
     def _overlaps_from(self, states: Tensor, cache: Tensor) -> Tensor | None:
         return None
 
-    def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float) -> Descent:
+    def memory_weights(self, states: Tensor) -> Tensor:
+        return states @ self.patterns.T / self.dim
+
+    def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float,
+                 path: list[Tensor] | None) -> Descent:
         batch = states.shape[0]
         cache = self._prepare(states)
         trace = [self._energy_from(states, cache)]
+        if path is not None:
+            path.append(states.clone())  # the sweeps flip units in place
         active, converged, taken = self._bookkeeping(batch)
         for _ in range(steps):
             flipped = self._sweep(states, cache, free & active[:, None])
@@ -353,10 +407,12 @@ class BinaryMemory(MemoryEngine):
             active &= flipped
             taken += active
             trace.append(self._energy_from(states, cache))
+            if path is not None:
+                path.append(states.clone())
             if not active.any():
                 break
         converged |= active & self._stable(states, cache, free)
-        return Descent(states, trace[-1], taken, converged, trace, self._overlaps_from(states, cache))
+        return Descent(states, trace[-1], taken, converged, trace, path, self._overlaps_from(states, cache))
 
 
 class GradientMemory(MemoryEngine):
@@ -377,12 +433,15 @@ class GradientMemory(MemoryEngine):
     def _evaluate(self, states: Tensor) -> Evaluation:
         return Evaluation(*energy_and_gradient(self._energy, states))
 
-    def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float) -> Descent:
+    def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float,
+                 path: list[Tensor] | None) -> Descent:
         batch = states.shape[0]
         now = self._evaluate(states)
         gradient, nearest = now.gradient * free, now.nearest
         energy = now.energy
         trace = [energy]
+        if path is not None:
+            path.append(states)  # steps replace the states tensor rather than write into it
         active, converged, taken = self._bookkeeping(batch)
 
         def settled(gradient: Tensor) -> Tensor:
@@ -433,13 +492,15 @@ class GradientMemory(MemoryEngine):
             moved = active & ~pending
             taken += moved
             trace.append(energy)
+            if path is not None:
+                path.append(states)
             # No lower energy along the gradient, or a step that left it unchanged in float32:
             # the state is stationary at working precision.
             stationary = pending | (moved & (energy == previous))
             converged |= stationary
             active &= ~stationary
         converged |= active & settled(gradient)
-        return Descent(states, energy, taken, converged, trace, nearest=nearest)
+        return Descent(states, energy, taken, converged, trace, path, nearest=nearest)
 
 
 def _scattered(nearest: Nearest, rows: Tensor, batch: int) -> Nearest:

@@ -100,6 +100,18 @@ class DrdamMemory(GradientMemory):
     def _energy(self, states: Tensor) -> Tensor:
         return torch.cat([self._energy_of_chunk(chunk) for chunk in states.split(self._chunk)])
 
+    def memory_weights(self, states: Tensor) -> Tensor | None:
+        """φ(ξ_μ)·φ(v) / ⟨φ(v), T⟩: pattern μ's share of the similarity the energy is the log of."""
+        if not self.keeps_patterns:
+            return None
+        stored = torch.cat([self._features(chunk) for chunk in self.patterns.split(self._chunk)])  # K×F
+        # Σ_μ φ(v)·φ(ξ_μ) = ⟨φ(v), T⟩: each row's shares sum to 1.
+        kernels = torch.cat([self._features(chunk) @ stored.T for chunk in states.split(self._chunk)])
+        return kernels / kernels.sum(dim=-1, keepdim=True)
+
+    def _features(self, x: Tensor) -> Tensor:
+        return random_features(x, self.projection, self.offset, self.beta, self.feature_map)
+
     def _evaluate(self, states: Tensor) -> Evaluation:
         parts = [energy_and_gradient(self._energy_of_chunk, chunk) for chunk in states.split(self._chunk)]
         return Evaluation(torch.cat([energy for energy, _ in parts]), torch.cat([gradient for _, gradient in parts]))

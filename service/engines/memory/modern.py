@@ -58,10 +58,13 @@ class ModernMemory(LogSumExpMemory):
         return modern_energy_from_lse(states.double(), merged.lse / self.beta, self.beta, merged.count,
                                       merged.max_norm)
 
-    def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float) -> Descent:
+    def _descend(self, states: Tensor, free: Tensor, steps: int, step_size: float, tolerance: float,
+                 path: list[Tensor] | None) -> Descent:
         now = self._evaluate(states)
         gradient = now.gradient * free
         trace = [now.energy]
+        if path is not None:
+            path.append(states)
         active, converged, taken = self._bookkeeping(states.shape[0])
         for _ in range(steps):
             done = active & settled_by(gradient, step_size, tolerance)
@@ -74,5 +77,7 @@ class ModernMemory(LogSumExpMemory):
             gradient = now.gradient * free
             taken += active
             trace.append(now.energy)
+            if path is not None:
+                path.append(states)
         converged |= active & settled_by(gradient, step_size, tolerance)
-        return Descent(states, now.energy, taken, converged, trace, nearest=now.nearest)
+        return Descent(states, now.energy, taken, converged, trace, path, nearest=now.nearest)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.errors import Conflict
+from service.errors import Conflict, InvalidArgument
 
 from .base import Evaluation, MemoryEngine, Nearest, read_int, read_positive_float, reject_unknown
 
@@ -139,6 +139,16 @@ class LogSumExpMemory(MemoryEngine):
 
     def _require_patterns(self) -> None:
         """Checked at the first evaluation, which knows every shard's count."""
+
+    def _check_explainable(self) -> None:
+        # The weights of the top memories would need every shard's top logits, not only its partial.
+        if self.shards > 1:
+            raise InvalidArgument("explain is not available on a sharded bank (params.shards > 1)", field="explain")
+
+    def memory_weights(self, states: Tensor) -> Tensor:
+        """softmax(z) over the patterns: each one's share of the mean ξ′ the state moves to."""
+        states = states.to(self.device, self.dtype)
+        return torch.softmax(self._logits(states, states @ self.patterns.T), dim=-1)
 
     def _evaluate(self, states: Tensor) -> Evaluation:
         merged = merge(self._partials(states))
