@@ -21,11 +21,9 @@ import json
 import multiprocessing
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtest.common import write_results  # noqa: E402
+from loadtest.common import WRK_SCRIPT, wrk, wrk_result, write_results  # noqa: E402
 from tests.harness import ServerProcess  # noqa: E402
 from tests.postgres import PostgresCluster  # noqa: E402
 from tests.triton.fixtures import MEMORY_ONLY, export_for_tests  # noqa: E402
@@ -142,30 +140,6 @@ def measure_lag(a: str, b: str, rate: float, seconds: float, bank: str) -> dict:
 
 
 # ----- 2. throughput with 1 and 2 replicas ----------------------------------------------------
-
-WRK_SCRIPT = """wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{body}'
-"""
-
-
-def wrk(url: str, connections: int, seconds: float, script: Path) -> subprocess.Popen:
-    return subprocess.Popen(["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--latency", "-s", str(script), url],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wrk_result(process: subprocess.Popen) -> dict:
-    out, _ = process.communicate(timeout=120)
-    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if found is None:
-        raise RuntimeError(f"wrk failed:\n{out}")
-    rps = float(found.group(1))
-    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else None,
-            "non_2xx": int(errors.group(1)) if errors else 0}
-
 
 def measure_throughput(a: str, b: str, query: list[float], seconds: float, work: Path) -> dict:
     script = work / "retrieve.lua"

@@ -11,16 +11,23 @@ Every figure is measured in this one run; results go to loadtest/results/retriev
 
 Via Triton: the same REST/gRPC requests with `--backend triton` (Triton's own dynamic batcher).
 
+The Python client shares the cores with the server and measures itself too, so REST is also driven by
+wrk (a compiled client; `apt-get install wrk`), 64 connections, one query per request, as JSON floats
+and as base64 ("encoding_format": "base64"); each wrk rate is divided by the engine's own rate at the
+batch size the server formed during that run (loadtest/results/retrieve_wrk.json).
+
     python loadtest/bench_retrieve.py [--seconds 4] [--clients 1,8,64] [--banks small,large,drdam]
-                                      [--backends embedded,triton]
+                                      [--backends embedded,triton] [--only wrk]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +46,7 @@ from service.api.pb import amserve_pb2_grpc as pb_grpc  # noqa: E402
 from service.banks.store import SQLiteStore  # noqa: E402
 from service.banks.registry import BankRegistry, DynamicsOptions  # noqa: E402
 from tests.harness import ServerProcess  # noqa: E402
-from loadtest.common import batch_rows, write_results  # noqa: E402
+from loadtest.common import WRK_SCRIPT, batch_rows, wrk, wrk_result, write_results  # noqa: E402
 from loadtest.load import drive  # noqa: E402
 
 BANKS = {
@@ -48,6 +55,7 @@ BANKS = {
     "drdam": {"kind": "drdam", "dim": 64, "count": 10_000, "params": {"beta": 1.0, "features": 4096, "seed": 7}},
 }
 STEPS = 3  # fixed work per query, so every configuration does the same arithmetic
+WRK_CONNECTIONS = 64
 
 
 def build_banks(data_dir: Path, names: list[str]) -> None:
@@ -103,12 +111,54 @@ def run_raw(registry: BankRegistry, bank: str, queries: np.ndarray, batch: int, 
     return {"batch": batch, "throughput_qps": calls * batch / elapsed, "ms_per_call": 1e3 * elapsed / calls}
 
 
+def wrk_body(query: np.ndarray, encoding_format: str) -> dict:
+    if encoding_format == "base64":
+        return {"queries": [base64.b64encode(query.astype("<f4").tobytes()).decode()], "steps": STEPS,
+                "encoding_format": "base64"}
+    return {"queries": [query.tolist()], "steps": STEPS}
+
+
+def run_wrk(server: ServerProcess, bank: str, encoding_format: str, seconds: float, work: Path) -> dict:
+    """wrk at 64 connections: requests/s, and the rows per engine call the server formed meanwhile."""
+    script = work / f"retrieve-{bank}-{encoding_format}.lua"
+    script.write_text(WRK_SCRIPT.format(body=json.dumps(wrk_body(queries_for(bank)[7], encoding_format))))
+    url = f"{server.url}/v1/banks/{bank}/retrieve"
+    wrk_result(wrk(url, WRK_CONNECTIONS, 1, script))  # warm-up
+    before = batch_rows(httpx.get(f"{server.url}/metrics").text, "associative_memory")
+    cell = wrk_result(wrk(url, WRK_CONNECTIONS, seconds, script))
+    after = batch_rows(httpx.get(f"{server.url}/metrics").text, "associative_memory")
+    calls = after[1] - before[1]
+    return {**cell, "mean_batch_rows": (after[0] - before[0]) / calls if calls else None}
+
+
+def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: BankRegistry, seconds: float) -> list:
+    cells = []
+    for backend in backends:
+        extra = ["--max-batch-size", "64", "--max-queue-size", "4096", "--max-in-flight", "4096", "--model", "none"]
+        with ServerProcess(work / "data", backend=backend, extra_args=extra) as server:
+            for bank in bank_names:
+                for encoding_format in ("float", "base64"):
+                    cell = run_wrk(server, bank, encoding_format, seconds, work)
+                    cell.update(bank=bank, backend=backend, encoding_format=encoding_format)
+                    cells.append(cell)
+    # The engine alone at each run's batch size, after the servers are gone (they would share the cores).
+    for cell in cells:
+        batch = max(1, round(cell["mean_batch_rows"] or 1))
+        engine = run_raw(registry, cell["bank"], queries_for(cell["bank"]), batch, seconds)
+        cell.update(engine_qps=engine["throughput_qps"], rest_over_engine=cell["rps"] / engine["throughput_qps"])
+        print(f"wrk {cell['bank']:6} {cell['backend']:8} {cell['encoding_format']:6} {cell['rps']:8.1f} req/s "
+              f"batch≈{batch:3}  engine {engine['throughput_qps']:8.1f} q/s  ratio {cell['rest_over_engine']:.2f}",
+              flush=True)
+    return cells
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per cell")
     parser.add_argument("--clients", default="1,8,64")
     parser.add_argument("--banks", default="small,large,drdam")
     parser.add_argument("--backends", default="embedded,triton", help="triton adds REST/gRPC via Triton")
+    parser.add_argument("--only", choices=["wrk"], help="only the wrk runs (and the engine alone beside them)")
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest/results/retrieve.json")
     args = parser.parse_args()
     clients_list = [int(c) for c in args.clients.split(",")]
@@ -121,8 +171,17 @@ def main() -> int:
     results: dict = {"machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
                                  "torch": torch.__version__}, "steps": STEPS, "seconds": args.seconds, "cells": []}
 
+    backends = args.backends.split(",")
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is missing: apt-get install wrk (make bench installs it)")
+    wrk_results = {**results, "connections": WRK_CONNECTIONS,
+                   "cells": wrk_cells(work, [b for b in bank_names if b != "drdam"], backends, registry, args.seconds)}
+    write_results(args.out.with_name("retrieve_wrk.json"), wrk_results)
+    if args.only == "wrk":
+        return 0
+
     setups = [("embedded", "on", ["--max-batch-size", "64"]), ("embedded", "off", ["--max-batch-size", "1"])]
-    if "triton" in args.backends.split(","):
+    if "triton" in backends:
         setups.append(("triton", "on", []))  # Triton's batcher: the knobs in model_repository/*/config.pbtxt
     for backend, batching, batch_args in setups:
         extra = batch_args + ["--max-queue-size", "4096", "--max-in-flight", "4096", "--model", "none"]

@@ -54,6 +54,17 @@ def plot_retrieve(data: dict) -> list[str]:
     return written
 
 
+def plot_retrieve_wrk(data: dict) -> list[str]:
+    """REST requests/s under wrk over the engine's own rate at the same batch size, per bank and backend."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"{c['bank']}\n{c['backend']}\n{c['encoding_format']}" for c in data["cells"]]
+    bars = ax.bar(range(len(labels)), [c["rest_over_engine"] for c in data["cells"]])
+    ax.bar_label(bars, [f"{c['rps']:.0f}/s" for c in data["cells"]], fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set(ylabel="REST req/s ÷ engine q/s (same batch)", title=f"retrieve under wrk, {data['connections']} connections")
+    return [save(fig, "retrieve_wrk.png")]
+
+
 def plot_complete(data: dict) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for batching in ("on", "off"):
@@ -119,7 +130,7 @@ def plot_replication(data: dict) -> list[str]:
 
 def main() -> int:
     report: dict = {"plots": []}
-    for name, plot in (("retrieve", plot_retrieve), ("complete", plot_complete),
+    for name, plot in (("retrieve", plot_retrieve), ("retrieve_wrk", plot_retrieve_wrk), ("complete", plot_complete),
                        ("drdam_scaling", plot_drdam), ("generate", plot_generate), ("overload", None),
                        ("replication", plot_replication)):
         data = load(name)

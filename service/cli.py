@@ -14,6 +14,8 @@ from service.errors import ServiceError
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
     from service.server import serve
 
     settings = Settings.from_env(
@@ -28,7 +30,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_streams_per_tenant=args.max_streams_per_tenant, max_in_flight=args.max_in_flight,
         max_prompt_chars=args.max_prompt_chars, max_explain_states=args.max_explain_states,
         max_attention_weights=args.max_attention_weights)
-    asyncio.run(serve(settings))
+    # uvloop: the event loop carries every REST and gRPC request, and uvloop's costs less per request.
+    uvloop.run(serve(settings))
     return 0
 
 

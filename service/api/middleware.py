@@ -37,11 +37,9 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = errors.TooLarge(f"request body exceeds {self.max_bytes} bytes", field="body")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            metrics.REJECTIONS.labels(reason="body_too_large").inc()
-            return await error_response(too_large)(scope, receive, send)
+            return await self._refuse(scope, receive, send)
         if length is not None:
             return await self.app(scope, receive, send)
         # A streamed body: read it here (the app would buffer it anyway) so the limit answers 413.
@@ -54,8 +52,7 @@ class BodyLimit:
             received += len(chunks[-1])
             more = message.get("more_body", False)
             if received > self.max_bytes:
-                metrics.REJECTIONS.labels(reason="body_too_large").inc()
-                return await error_response(too_large)(scope, receive, send)
+                return await self._refuse(scope, receive, send)
         replayed = False
 
         async def replay() -> Message:
@@ -67,12 +64,27 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics.REJECTIONS.labels(reason="body_too_large").inc()
+        too_large = errors.TooLarge(f"request body exceeds {self.max_bytes} bytes", field="body")
+        await error_response(too_large)(scope, receive, send)
+
 
 class Measured:
     """Request duration, count and in-flight gauge per route template (pure ASGI: no per-request task)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
+        # The labelled series, looked up once each: a labels() call costs more than the observation.
+        self.in_flight = metrics.IN_FLIGHT.labels("rest")
+        self.series: dict[tuple[str, int], tuple] = {}
+
+    def _series(self, route: str, status: int) -> tuple:
+        if (route, status) not in self.series:
+            self.series[route, status] = (
+                metrics.REQUEST_DURATION.labels(route, "rest", metrics.model_of(route), str(status)),
+                metrics.REQUESTS.labels(route, "rest", str(status)))
+        return self.series[route, status]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,16 +98,16 @@ class Measured:
                 status = message["status"]
             await send(message)
 
-        metrics.IN_FLIGHT.labels("rest").inc()
+        self.in_flight.inc()
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            metrics.IN_FLIGHT.labels("rest").dec()
+            self.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
             if route not in PROBES:
-                metrics.REQUEST_DURATION.labels(route, "rest", metrics.model_of(route), str(status)).observe(
-                    time.perf_counter() - started)
-                metrics.REQUESTS.labels(route, "rest", str(status)).inc()
+                duration, count = self._series(route, status)
+                duration.observe(time.perf_counter() - started)
+                count.inc()
 
 
 class AdmissionLimit:
