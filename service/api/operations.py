@@ -94,6 +94,10 @@ class Operations:
         return await self._run(qualified(tenant, bank), request, np.asarray(request.mask, dtype=bool))
 
     async def complete_image(self, request: schemas.CompleteImageRequest) -> schemas.CompleteImageResponse:
+        if request.explain:
+            frames, attention, hopfield = await self.backend.explain_image(
+                np.asarray(request.image, dtype=np.float32), np.asarray(request.mask, dtype=bool), request.steps)
+            return schemas.CompleteImageResponse.explained(request.model, frames, attention, hopfield)
         image, trace = await self.backend.complete_image(
             np.asarray(request.image, dtype=np.float32), np.asarray(request.mask, dtype=bool), request.steps)
         return schemas.CompleteImageResponse(model=request.model, image=image.tolist(), energy_trace=trace.tolist())

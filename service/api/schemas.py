@@ -236,15 +236,34 @@ class CompleteImageRequest(Strict):
     image: list[list[Pixel]] = Field(min_length=1, description="H×W pixel values in [0,1]")
     mask: list[list[bool]] = Field(min_length=1, description="H×W, true = missing pixel")
     steps: int | None = Field(default=None, ge=0, le=1000)
+    explain: bool = Field(default=False, description="the image after every step (the start included), with the "
+                                                     "energy split into its attention and Hopfield parts")
 
     _rectangular = field_validator("image")(check_matrix)
     _same_shape_as_image = field_validator("mask")(shaped_like("image"))
+
+
+class ImageFrame(BaseModel):
+    image: list[list[float]]
+    energy: float = Field(description="attention_energy + hopfield_energy")
+    attention_energy: float
+    hopfield_energy: float
 
 
 class CompleteImageResponse(BaseModel):
     model: str
     image: list[list[float]]
     energy_trace: list[float]
+    frames: list[ImageFrame] | None = Field(default=None, description="with explain: one per step, the start "
+                                                                      "included; the last is `image`")
+
+    @classmethod
+    def explained(cls, model: str, frames: np.ndarray, attention: np.ndarray, hopfield: np.ndarray
+                  ) -> CompleteImageResponse:
+        energy = (attention + hopfield).tolist()
+        return cls.model_construct(model=model, image=frames[-1].tolist(), energy_trace=energy, frames=[
+            ImageFrame.model_construct(image=image, energy=total, attention_energy=a, hopfield_energy=h)
+            for image, total, a, h in zip(frames.tolist(), energy, attention.tolist(), hopfield.tolist())])
 
 
 MAX_PROMPT_CHARS = 1_000_000  # the schema's bound; the service's own limit (a setting) is lower

@@ -72,6 +72,11 @@ class Backend(Protocol):
         """Energy Transformer: one H×W image in [0,1] and its missing-pixel mask → (image, energy trace)."""
         ...
 
+    async def explain_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """complete_image step by step → (frames (S+1)×H×W, attention energy S+1, Hopfield energy S+1)."""
+        ...
+
     async def generate(self, prompt: Prompt, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
         """Submit a generation (errors such as a full queue or a too-long prompt are raised here, before
         any token) and return its event stream: with params.echo first {"type": "prompt", "token_ids", "tokens",

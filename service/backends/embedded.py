@@ -159,6 +159,15 @@ class EmbeddedBackend:
         self.image_model.check_inputs(images, masks, steps)  # a bad request fails alone, not its batch
         return await self.image_batcher.submit(steps, (images, masks), rows=1)
 
+    async def explain_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.image_model is None:
+            raise Unavailable(f"energy-transformer weights not found under {self._model_repository / ET_DIR}")
+        images, masks = torch.from_numpy(image[None].astype(np.float32)), torch.from_numpy(missing[None])
+        # Alone, off the event loop: an explanation is for a person watching, not for throughput.
+        explained = await asyncio.to_thread(self.image_model.explain, images, masks, steps=steps)
+        return explained.frames[0].numpy(), explained.attention_energy[0].numpy(), explained.hopfield_energy[0].numpy()
+
     def _run_image_batch(self, steps: int | None, parts: list) -> list[tuple[np.ndarray, np.ndarray]]:
         completed, trace = self.image_model.complete(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                                                      steps=steps)

@@ -223,6 +223,14 @@ class TritonBackend:
                                    ("IMAGE", "ENERGY_TRACE"), failover=True)
         return answer.as_numpy("IMAGE")[0], answer.as_numpy("ENERGY_TRACE")[0]
 
+    async def explain_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        outputs = ("FRAMES", "ATTENTION_ENERGY", "HOPFIELD_ENERGY")
+        answer = await self._infer(ENERGY_TRANSFORMER, et_wire.request_arrays(image, missing, steps, explain=True),
+                                   outputs, failover=True)
+        frames, attention, hopfield = (answer.as_numpy(name)[0] for name in outputs)
+        return frames, attention, hopfield
+
     async def generate(self, prompt: Prompt, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
         """The generation's events, from a gRPC stream of its own to the decoupled `llm` model.
 

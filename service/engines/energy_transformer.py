@@ -99,6 +99,15 @@ def hopfield_energy(g: Tensor, memories: Tensor) -> Tensor:
 # --- model ----------------------------------------------------------------------------------
 
 
+@dataclass
+class Frames:
+    """An explained completion, per image and step (the start included)."""
+
+    frames: Tensor  # B×(S+1)×H×W the completed image after each step (the last one is `complete`'s)
+    attention_energy: Tensor  # B×(S+1) E_att
+    hopfield_energy: Tensor  # B×(S+1) E_hn; E = E_att + E_hn is the trace
+
+
 class EnergyTransformer(nn.Module):
     def __init__(self, config: ETConfig):
         super().__init__()
@@ -137,13 +146,18 @@ class EnergyTransformer(nn.Module):
 
         return torch.func.grad(total_energy, has_aux=True)(g)
 
-    def descend(self, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-        """x ← x − α ∂E/∂g for `steps` steps. Returns the final tokens and the energy trace B×(steps+1)."""
+    def descend(self, x: Tensor, steps: int, path: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """x ← x − α ∂E/∂g for `steps` steps. Returns the final tokens and the energy trace B×(steps+1);
+        with `path` (a list), the tokens at the start and after every step are appended to it."""
         trace = []
         for _ in range(steps):
+            if path is not None:
+                path.append(x)
             grad, energies = self.energy_gradient(self.norm(x))
             trace.append(energies)
             x = x - self.config.alpha * grad
+        if path is not None:
+            path.append(x)
         trace.append(self.energy(self.norm(x)).detach())
         return x, torch.stack(trace, dim=1)
 
@@ -156,17 +170,23 @@ class EnergyTransformer(nn.Module):
         p, s = self.config.patch_size, self.config.patches_per_side
         return patches.reshape(-1, s, s, p, p).transpose(2, 3).reshape(-1, s * p, s * p)
 
-    def forward(self, images: Tensor, missing: Tensor, steps: int | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, missing: Tensor, steps: int | None = None,
+                path: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Differentiable reconstruction: decoded pixels B×H×W (unclamped) and the energy trace.
 
         A patch with any missing pixel is replaced by the MASK token; missing pixels' values are ignored.
+        `path` collects the tokens of every step (see `descend`).
         """
         steps = self.config.steps if steps is None else steps
         masked_patches = self.to_patches(missing).any(dim=-1, keepdim=True)
         tokens = self.patch_embed(self.to_patches(images))
         tokens = torch.where(masked_patches, self.mask_token, tokens) + self.position
-        tokens, trace = self.descend(tokens, steps)
-        return self.from_patches(self.patch_decode(self.norm(tokens))), trace
+        tokens, trace = self.descend(tokens, steps, path)
+        return self.decode(tokens), trace
+
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Pixels B×H×W (unclamped) of tokens B×N×D."""
+        return self.from_patches(self.patch_decode(self.norm(tokens)))
 
     @torch.no_grad()
     def complete(self, images: Tensor, missing: Tensor, *, steps: int | None = None) -> tuple[Tensor, Tensor]:
@@ -182,6 +202,25 @@ class EnergyTransformer(nn.Module):
         decoded, trace = self(images_here, missing_here, steps)
         completed = torch.where(missing_here, decoded.clamp(0.0, 1.0), images_here)
         return completed.to(images.device), trace.to(images.device)
+
+    @torch.no_grad()
+    def explain(self, images: Tensor, missing: Tensor, *, steps: int | None = None) -> Frames:
+        """`complete`, with the image after every step (the start included) and the energy of each split
+        into its attention and Hopfield parts."""
+        self.check_inputs(images, missing, steps)
+        device, dtype = self.position.device, self.position.dtype
+        missing_here = missing.to(device)
+        images_here = images.to(device, dtype).masked_fill(missing_here, 0.0)
+        path: list[Tensor] = []
+        self(images_here, missing_here, steps, path)
+        tokens = torch.stack(path, dim=1)  # B×(S+1)×N×D
+        per_step = tokens.shape[:2]
+        g = self.norm(tokens.flatten(0, 1))
+        decoded = self.decode(tokens.flatten(0, 1)).reshape(*per_step, *images.shape[1:])
+        frames = torch.where(missing_here[:, None], decoded.clamp(0.0, 1.0), images_here[:, None])
+        return Frames(frames=frames.to(images.device),
+                      attention_energy=attention_energy(g, self.keys, self.queries).reshape(per_step).to(images.device),
+                      hopfield_energy=hopfield_energy(g, self.memories).reshape(per_step).to(images.device))
 
     def check_inputs(self, images: Tensor, missing: Tensor, steps: int | None) -> None:
         size = self.config.image_size

@@ -6,9 +6,11 @@ Inputs, without the batch dimension (names and types in service/triton/spec.py):
     IMAGE         FP32  [H, W]   pixels in [0, 1]; values under the mask are ignored (ragged)
     MISSING       BOOL  [H, W]   True = unknown pixel, to be completed (ragged)
     STEPS         INT32 [1]      dynamics steps (optional; the model's default when absent)
+    EXPLAIN       BOOL  [1]      answer the frames too (optional)
 
 Outputs: IMAGE FP32 [H, W] (known pixels copied, missing ones completed) and ENERGY_TRACE FP32
-[steps + 1]. Shapes are checked by the model, not by Triton, so a wrong size fails with the engine's
+[steps + 1]; with EXPLAIN, FRAMES FP32 [steps + 1, H, W] (the image after every step, the start
+included), ATTENTION_ENERGY and HOPFIELD_ENERGY FP32 [steps + 1] (the trace's two parts). Shapes are checked by the model, not by Triton, so a wrong size fails with the engine's
 own message naming the field (the JSON error of service/triton/wire.py), as over the embedded backend.
 
 `ImageCompletion.execute` is everything model.py's execute does, without pb_utils: like the embedded
@@ -55,24 +57,36 @@ class ImageCompletion:
         if self.model is None:
             return [Unavailable(self.missing) for _ in requests]
         answers: list[Outputs | Exception | None] = [None] * len(requests)
-        groups: dict[int | None, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        groups: dict[tuple[int | None, bool], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         for index, inputs in enumerate(requests):
             try:
                 images, missing, steps = _request(inputs)
+                explain = inputs.get("EXPLAIN") is not None and bool(inputs["EXPLAIN"].reshape(-1)[0])
                 self.model.check_inputs(images, missing, steps)  # a bad request fails alone, not its batch
-                groups.setdefault(steps, []).append((index, images, missing))
+                groups.setdefault((steps, explain), []).append((index, images, missing))
             except Exception as exc:
                 answers[index] = exc
-        for steps, members in groups.items():
+        for (steps, explain), members in groups.items():
             try:
-                completed, trace = self.model.complete(torch.cat([m[1] for m in members]),
-                                                       torch.cat([m[2] for m in members]), steps=steps)
-                for (index, _, _), image, energies in zip(members, completed.cpu().numpy(), trace.cpu().numpy()):
-                    answers[index] = {"IMAGE": image, "ENERGY_TRACE": energies}
+                images, missing = torch.cat([m[1] for m in members]), torch.cat([m[2] for m in members])
+                for (index, _, _), outputs in zip(members, self._outputs(images, missing, steps, explain)):
+                    answers[index] = outputs
             except Exception as exc:  # as in the embedded backend, a failed batch fails all its requests
                 for index, _, _ in members:
                     answers[index] = exc
         return answers
+
+
+    def _outputs(self, images: torch.Tensor, missing: torch.Tensor, steps: int | None, explain: bool) -> list[Outputs]:
+        if not explain:
+            completed, trace = self.model.complete(images, missing, steps=steps)
+            return [{"IMAGE": image, "ENERGY_TRACE": energies}
+                    for image, energies in zip(completed.cpu().numpy(), trace.cpu().numpy())]
+        explained = self.model.explain(images, missing, steps=steps)
+        parts = zip(explained.frames.cpu().numpy(), explained.attention_energy.cpu().numpy(),
+                    explained.hopfield_energy.cpu().numpy())
+        return [{"IMAGE": frames[-1], "ENERGY_TRACE": attention + hopfield, "FRAMES": frames,
+                 "ATTENTION_ENERGY": attention, "HOPFIELD_ENERGY": hopfield} for frames, attention, hopfield in parts]
 
 
 def _request(inputs: dict[str, np.ndarray | None]) -> tuple[torch.Tensor, torch.Tensor, int | None]:
@@ -93,11 +107,14 @@ def _request(inputs: dict[str, np.ndarray | None]) -> tuple[torch.Tensor, torch.
 # ----- the gateway's side ---------------------------------------------------------------------
 
 
-def request_arrays(image: np.ndarray, missing: np.ndarray, steps: int | None) -> dict[str, np.ndarray]:
+def request_arrays(image: np.ndarray, missing: np.ndarray, steps: int | None, explain: bool = False
+                   ) -> dict[str, np.ndarray]:
     """The inputs of one request, batch dimension included, as the model reads them."""
     arrays = {"IMAGE": np.ascontiguousarray(image, dtype=np.float32)[None],
               "MISSING": np.ascontiguousarray(missing, dtype=np.bool_)[None]}
     if steps is not None:
         arrays["STEPS"] = np.array([[steps]], dtype=np.int32)
+    if explain:
+        arrays["EXPLAIN"] = np.array([[True]])
     return arrays
 

@@ -74,10 +74,14 @@ ENERGY_TRANSFORMER = ModelSpec(
         TensorSpec("IMAGE", "TYPE_FP32", (-1, -1), ragged=True),
         TensorSpec("MISSING", "TYPE_BOOL", (-1, -1), ragged=True),
         TensorSpec("STEPS", "TYPE_INT32", (1,), optional=True),
+        TensorSpec("EXPLAIN", "TYPE_BOOL", (1,), optional=True),
     ),
     outputs=(
         TensorSpec("IMAGE", "TYPE_FP32", (-1, -1)),
         TensorSpec("ENERGY_TRACE", "TYPE_FP32", (-1,)),
+        TensorSpec("FRAMES", "TYPE_FP32", (-1, -1, -1)),
+        TensorSpec("ATTENTION_ENERGY", "TYPE_FP32", (-1,)),
+        TensorSpec("HOPFIELD_ENERGY", "TYPE_FP32", (-1,)),
     ),
     parameters=("image_size",),
 )

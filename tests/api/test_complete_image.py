@@ -39,6 +39,25 @@ def test_rest_completion_equals_the_engine(client, digit_and_mask):
     assert all(b <= a + 1e-4 for a, b in zip(body["energy_trace"], body["energy_trace"][1:]))
 
 
+def test_explained_frames_end_at_the_plain_answer(client, digit_and_mask):
+    image, mask = digit_and_mask
+    body = {"image": image.tolist(), "mask": mask.tolist(), "steps": 6}
+    plain = client.post("/v1/complete", json=body).json()
+    r = client.post("/v1/complete", json={**body, "explain": True})
+    assert r.status_code == 200, r.text
+    explained = r.json()
+    frames = explained["frames"]
+    assert len(frames) == 7
+    np.testing.assert_allclose(frames[-1]["image"], plain["image"], atol=1e-6)
+    np.testing.assert_allclose(explained["image"], plain["image"], atol=1e-6)
+    np.testing.assert_allclose([f["attention_energy"] + f["hopfield_energy"] for f in frames], plain["energy_trace"],
+                               rtol=1e-5, atol=1e-4)
+    for frame in frames:  # known pixels stay, the missing ones move
+        np.testing.assert_array_equal(np.array(frame["image"], dtype=np.float32)[~mask], image[~mask])
+    assert frames[0]["image"] != frames[-1]["image"]
+    assert "frames" not in plain or plain["frames"] is None
+
+
 def test_grpc_completion_equals_rest(client, stub, digit_and_mask):
     image, mask = digit_and_mask
     rest = client.post("/v1/complete", json={"image": image.tolist(), "mask": mask.tolist(), "steps": 4}).json()

@@ -187,6 +187,27 @@ def test_complete_keeps_known_pixels_and_stays_in_range(committed: EnergyTransfo
     assert not torch.equal(completed[missing], images[missing])
 
 
+def test_explained_frames_end_at_the_completion_and_split_the_traced_energy(committed: EnergyTransformer,
+                                                                             held_out: dict):
+    images, missing = held_out["test"][:4], held_out["missing"][:4]
+    completed, trace = committed.complete(images, missing, steps=6)
+    explained = committed.explain(images, missing, steps=6)
+    assert explained.frames.shape == (4, 7, *images.shape[1:])
+    torch.testing.assert_close(explained.frames[:, -1], completed)
+    torch.testing.assert_close(explained.attention_energy + explained.hopfield_energy, trace)
+    # The start is the input with the decoded MASK tokens under the mask; known pixels never move.
+    assert torch.equal(explained.frames[:, :, ~missing[0]][0], images[0][~missing[0]].expand(7, -1))
+    assert not torch.equal(explained.frames[:, 0], explained.frames[:, -1])
+    # Step 0's parts from the starting tokens built here: MASK token on every patch with a missing pixel.
+    masked_patches = committed.to_patches(missing).any(dim=-1, keepdim=True)
+    start = torch.where(masked_patches, committed.mask_token,
+                        committed.patch_embed(committed.to_patches(images.masked_fill(missing, 0.0)))) + committed.position
+    with torch.no_grad():
+        g = committed.norm(start)
+        torch.testing.assert_close(explained.attention_energy[:, 0], attention_energy(g, committed.keys, committed.queries))
+        torch.testing.assert_close(explained.hopfield_energy[:, 0], hopfield_energy(g, committed.memories))
+
+
 def test_missing_pixel_values_are_ignored(committed: EnergyTransformer, held_out: dict):
     images, missing = held_out["test"][:8], held_out["missing"][:8]
     scrambled = torch.where(missing, torch.full_like(images, float("nan")), images)

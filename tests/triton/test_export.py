@@ -55,7 +55,9 @@ def test_image_and_text_models(tmp_path):
     inputs = {tensor.name: tensor for tensor in image.input}
     assert inputs["IMAGE"].allow_ragged_batch and inputs["MISSING"].allow_ragged_batch
     assert inputs["STEPS"].optional and not inputs["IMAGE"].optional
-    assert [tensor.name for tensor in image.output] == ["IMAGE", "ENERGY_TRACE"]
+    assert inputs["EXPLAIN"].optional
+    assert [tensor.name for tensor in image.output] == ["IMAGE", "ENERGY_TRACE", "FRAMES", "ATTENTION_ENERGY",
+                                                        "HOPFIELD_ENERGY"]
     # The shipped weights are copied along, and their image size is published for the gateway.
     assert all((tmp_path / "energy_transformer" / "1" / name).is_file() for name in ET_WEIGHTS)
     assert image.parameters["image_size"].string_value == "8"
