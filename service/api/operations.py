@@ -21,7 +21,7 @@ import numpy as np
 from service import metrics
 from service.api import schemas
 from service.backends.base import Backend
-from service.banks.registry import BankInfo, DynamicsOptions, check_bank_name
+from service.banks.registry import BankInfo, DynamicsOptions, Fidelity, check_bank_name
 from service.engines.lm.sampling import SamplingParams
 from service.engines.memory import KINDS
 from service.engines.memory.base import MAX_DIM
@@ -65,6 +65,9 @@ class Operations:
 
     async def get_bank(self, tenant: str | None, bank: str) -> BankInfo:
         return visible(await self.backend.bank_info(qualified(tenant, bank)))
+
+    async def fidelity(self, tenant: str | None, bank: str, sample_size: int, noise: float) -> Fidelity:
+        return await self.backend.bank_fidelity(qualified(tenant, bank), sample_size, noise)
 
     async def delete_bank(self, tenant: str | None, bank: str) -> None:
         name = qualified(tenant, bank)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable
 from http import HTTPStatus
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response, Security
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -29,12 +29,14 @@ from service.api.auth import ApiKeys
 from service.api.errors import MalformedBody, MethodNotAllowed, from_validation
 from service.api.middleware import AdmissionLimit, BodyLimit, Measured, error_response
 from service.api.operations import Operations
-from service.banks.registry import BANK_NAME, BankInfo
+from service.banks.registry import BANK_NAME, BankInfo, Fidelity
 
 VERSION_HEADER = "Amserve-Bank-Version"
 NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 BankPath = Annotated[str, Path(pattern=f"^{BANK_NAME.pattern}$")]
+# Patterns a fidelity report samples: each costs a DrDAM and an exact retrieval.
+MAX_FIDELITY_SAMPLE = 1024
 
 
 # ----- the OpenAPI document -------------------------------------------------------------------
@@ -157,6 +159,16 @@ async def list_banks(ops: Ops, tenant: Caller):
 @banks.get("/{bank}", response_model=BankInfo, tags=["banks"], responses=answers(404, 422))
 async def get_bank(bank: BankPath, ops: Ops, tenant: Caller):
     return await ops.get_bank(tenant, bank)
+
+
+@banks.get("/{bank}/fidelity", response_model=Fidelity, tags=["banks"], responses=answers(404, 409, 422),
+           description="How well a drdam bank's random features approximate the exact rbf log-sum-exp energy on a "
+                       "sample of its own stored patterns and noisy copies of them; 409 when the bank does not keep "
+                       "its patterns.")
+async def fidelity(bank: BankPath, ops: Ops, tenant: Caller,
+                   sample_size: Annotated[int, Query(ge=1, le=MAX_FIDELITY_SAMPLE)] = 64,
+                   noise: Annotated[float, Query(ge=0, le=2, allow_inf_nan=False)] = 0.1):
+    return await ops.fidelity(tenant, bank, sample_size, noise)
 
 
 @banks.delete("/{bank}", status_code=204, tags=["banks"], responses=answers(404, 422))

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.banks.registry import BankInfo, DynamicsOptions, MemoryResults
+from service.banks.registry import BankInfo, DynamicsOptions, Fidelity, MemoryResults
 from service.engines.lm.sampling import SamplingParams
 from service.engines.memory import KINDS
 from service.serving.scheduler import Prompt
@@ -70,6 +70,10 @@ class Backend(Protocol):
     async def complete_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
                              ) -> tuple[np.ndarray, np.ndarray]:
         """Energy Transformer: one H×W image in [0,1] and its missing-pixel mask → (image, energy trace)."""
+        ...
+
+    async def bank_fidelity(self, name: str, sample_size: int, noise: float) -> Fidelity:
+        """A DrDAM bank against exact rbf on a sample of its own patterns (see BankRegistry.fidelity)."""
         ...
 
     async def explain_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None

@@ -15,7 +15,7 @@ import torch
 
 from service import metrics
 from service.backends.base import image_card, memory_card, text_card
-from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, MemoryResults
+from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, Fidelity, MemoryResults
 from service.banks.store import open_store
 from service.engines import energy_transformer
 from service.engines.lm import SamplingParams, Tokenizer
@@ -158,6 +158,9 @@ class EmbeddedBackend:
         images, masks = torch.from_numpy(image[None].astype(np.float32)), torch.from_numpy(missing[None])
         self.image_model.check_inputs(images, masks, steps)  # a bad request fails alone, not its batch
         return await self.image_batcher.submit(steps, (images, masks), rows=1)
+
+    async def bank_fidelity(self, name: str, sample_size: int, noise: float) -> Fidelity:
+        return await asyncio.to_thread(self.registry.fidelity, name, sample_size, noise)
 
     async def explain_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

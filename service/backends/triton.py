@@ -33,7 +33,7 @@ from tritonclient.utils import InferenceServerException
 
 from service import metrics
 from service.backends.base import image_card, memory_card, text_card
-from service.banks.registry import BankInfo, DynamicsOptions, MemoryResults, checked_queries, results_of
+from service.banks.registry import BankInfo, DynamicsOptions, Fidelity, MemoryResults, checked_queries, results_of
 from service.banks.shards import replicas_of
 from service.banks.store import BankRecord, Store
 from service.banks.writer import BankWriter
@@ -297,6 +297,9 @@ class TritonBackend:
         info = self._placed(memory_wire.bank_info(await self._call("info", name)))
         self._banks[name] = info
         return info
+
+    async def bank_fidelity(self, name: str, sample_size: int, noise: float) -> Fidelity:
+        return Fidelity.model_validate(await self._call("fidelity", name, {"sample_size": sample_size, "noise": noise}))
 
     def _placed(self, info: BankInfo) -> BankInfo:
         """The bank's shards with the replicas that serve them by url (a replica knows only its index)."""

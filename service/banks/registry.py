@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service import metrics
 from service.banks.shards import EVERY_SHARD, Placement, ShardInfo, replicas_of, shard_of
@@ -31,7 +31,7 @@ from service.banks.store import BankRecord, Change, Store
 from service.engines.memory import KINDS, make_engine, normalize_params
 from service.engines.memory.base import MemoryEngine, Retrieval
 from service.engines.memory.shards import Partial
-from service.errors import InvalidArgument, NotFound, Unavailable
+from service.errors import Conflict, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,25 @@ class BankInfo(BaseModel):
     version: int = 0  # committed writes this replica has applied
     checksum: str = ""  # of the patterns at that version (hex); equal on every replica at the same version
     shards: list[ShardInfo] = []  # their counts and who serves them (one shard for an unsharded bank)
+
+
+class Agreement(BaseModel):
+    mean_abs_energy_error: float
+    max_abs_energy_error: float
+    mean_gradient_cosine: float
+    min_gradient_cosine: float
+
+
+class Fidelity(BaseModel):
+    """How well a DrDAM bank's random features approximate the exact rbf energy of its own patterns now."""
+
+    version: int = Field(description="the bank's version the report was computed at")
+    sample_size: int = Field(description="stored patterns sampled; as many noisy copies were evaluated too")
+    noise: float = Field(description="the copies' Gaussian noise, relative to the patterns' RMS value")
+    patterns: Agreement = Field(description="at the sampled patterns themselves")
+    noisy: Agreement = Field(description="at their noisy copies")
+    same_nearest: float = Field(description="fraction of noisy copies that DrDAM and exact retrieval bring nearest "
+                                            "the same stored pattern")
 
 
 @dataclass(frozen=True)
@@ -424,6 +443,31 @@ class BankRegistry:
             start += len(queries)
         return split
 
+
+    def fidelity(self, name: str, sample_size: int, noise: float) -> Fidelity:
+        """DrDAM against exact rbf on up to `sample_size` of the bank's patterns (a fixed random choice)
+        and their noisy copies; 409 when the bank does not keep its patterns."""
+        bank = self._bank(name)
+        if bank.record.kind != "drdam":
+            raise InvalidArgument(f"fidelity compares DrDAM with exact rbf: bank '{name}' is {bank.record.kind}",
+                                  field="bank")
+        with bank.lock:
+            engine = bank.partition(0).engine
+            if not engine.keeps_patterns:
+                raise Conflict(f"bank '{name}' does not keep its patterns (params.keep_patterns false): "
+                               "the exact energy needs them", field="bank")
+            if engine.count == 0:
+                raise Conflict(f"bank '{name}' has no stored patterns", field="bank")
+            generator = torch.Generator().manual_seed(0)  # the same sample on every call and replica
+            rows = torch.randperm(engine.count, generator=generator)[:sample_size]
+            sample = engine.patterns[rows.to(engine.device)].float()
+            scale = noise * sample.square().mean().sqrt()
+            noisy = sample + scale * torch.randn(sample.shape, generator=generator).to(sample.device)
+            same = engine.same_retrieval(noisy)
+            return Fidelity(version=bank.version, sample_size=len(rows), noise=noise,
+                            patterns=Agreement(**vars(engine.agreement(sample))),
+                            noisy=Agreement(**vars(engine.agreement(noisy))),
+                            same_nearest=same.float().mean().item())
 
     def partial_batch(self, name: str, shard: int, shards: int, parts: list[torch.Tensor]
                       ) -> list[tuple[Partial, list[str | None]]]:

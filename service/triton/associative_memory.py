@@ -3,14 +3,15 @@
 One request is one bank operation, a batch item of size 1 (so Triton's `max_batch_size` counts
 requests). Inputs (names and types in service/triton/spec.py):
 
-    OP       BYTES [1]        create | list | info | delete | store | delete_pattern | run | partial
+    OP       BYTES [1]        create | list | info | delete | store | delete_pattern | run | partial | fidelity
     BANK     BYTES [1]        bank name ("" for list)
     ARGS     BYTES [1]        JSON object: create {kind, dim, params}, store {ids}, delete_pattern {id},
                               run {steps, step_size, tolerance, trace, explain, min_version},
-                              partial {shard, shards, min_version}
+                              partial {shard, shards, min_version}, fidelity {sample_size, noise}
     VECTORS  FP32  [N, D]     store: patterns; run: queries; partial: states (optional, ragged)
     CLAMP    BOOL  [N, D]     run: True = known entry, clamped; absent for a plain retrieve (optional, ragged)
 
+A fidelity answers RESULT, the JSON of the registry's Fidelity report.
 A run answers the columns of `MemoryResults`, one row per query: STATES FP32 [N, D], ENERGY FP32 [N],
 STEPS INT64 [N], CONVERGED BOOL [N], NEAREST BYTES [N] (the id, "" when the kind keeps no patterns),
 SIMILARITY FP32 [N], TRACE FP32 [N, S+1] (NaN-padded; [N, 0] without trace), and with explain per step
@@ -42,8 +43,8 @@ from service.engines.memory.shards import Partial
 from service.errors import InvalidArgument
 from service.triton.wire import json_tensor, text_tensor, text_value
 
-OPS = ("create", "list", "info", "delete", "store", "delete_pattern", "run", "partial")
-READ_OPS = ("list", "info", "run", "partial")
+OPS = ("create", "list", "info", "delete", "store", "delete_pattern", "run", "partial", "fidelity")
+READ_OPS = ("list", "info", "run", "partial", "fidelity")
 RUN_OUTPUTS = ("STATES", "ENERGY", "STEPS", "CONVERGED", "NEAREST", "SIMILARITY", "TRACE", "STEP_STATES", "TOP_IDS",
                "TOP_WEIGHTS")
 PARTIAL_OUTPUTS = ("MAX_LOGIT", "TOTAL", "WEIGHTED", "BEST", "NEAREST", "RESULT")
@@ -203,6 +204,8 @@ class AssociativeMemory:
             result = {"ids": ids, "count": count, "version": version}
         elif op == "delete_pattern":
             result = {"version": registry.delete_pattern(bank, args.get("id"))}
+        elif op == "fidelity":
+            result = registry.fidelity(bank, args.get("sample_size"), args.get("noise")).model_dump()
         else:
             raise InvalidArgument(f"unknown op {op!r}; expected one of {', '.join(OPS)}", field="op")
         return {"RESULT": json_tensor(result)}

@@ -16,6 +16,7 @@ fixed-point step of the exact energy Ẽ approximates; backtracking absorbs the 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ from .base import (
     read_positive_float,
     reject_unknown,
 )
+from .rbf import RbfMemory, rbf_energy
 from .features import FEATURE_MAPS, chunk_rows, feature_size, feature_sum, random_basis, random_features
 
 MAX_FEATURES = 1_000_000
@@ -46,6 +48,16 @@ def drdam_energy(
     """Ẽ(v) = −(1/β) log ⟨φ(v), T⟩ for each row of `states`, with T = `memory`."""
     similarity = random_features(states, projection, offset, beta, feature_map) @ memory
     return -torch.log(similarity.clamp_min(torch.finfo(similarity.dtype).tiny)) / beta
+
+
+@dataclass
+class Agreement:
+    """DrDAM's energy and gradient against the exact rbf energy's at a set of states."""
+
+    mean_abs_energy_error: float
+    max_abs_energy_error: float
+    mean_gradient_cosine: float
+    min_gradient_cosine: float
 
 
 class DrdamMemory(GradientMemory):
@@ -111,6 +123,22 @@ class DrdamMemory(GradientMemory):
 
     def _features(self, x: Tensor) -> Tensor:
         return random_features(x, self.projection, self.offset, self.beta, self.feature_map)
+
+    def agreement(self, states: Tensor) -> Agreement:
+        """|Ẽ − E| and cos(∇Ẽ, ∇E) at B states, E the exact rbf energy of the kept patterns (float64)."""
+        approximate = self._evaluate(states)
+        patterns = self.patterns.double()
+        exact_energy, exact_gradient = energy_and_gradient(lambda v: rbf_energy(v, patterns, self.beta),
+                                                           states.double())
+        error = (approximate.energy.double() - exact_energy).abs()
+        cosine = torch.nn.functional.cosine_similarity(approximate.gradient.double(), exact_gradient, dim=-1)
+        return Agreement(error.mean().item(), error.max().item(), cosine.mean().item(), cosine.min().item())
+
+    def same_retrieval(self, queries: Tensor) -> Tensor:
+        """Per query, whether DrDAM's dynamics and exact rbf's end nearest the same stored pattern."""
+        exact = RbfMemory(self.dim, {"beta": self.beta}, self.device)
+        exact.add(self.patterns)
+        return self.run(queries).nearest == exact.run(queries).nearest
 
     def _evaluate(self, states: Tensor) -> Evaluation:
         parts = [energy_and_gradient(self._energy_of_chunk, chunk) for chunk in states.split(self._chunk)]
