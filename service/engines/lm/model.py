@@ -173,7 +173,10 @@ class Attention(nn.Module):
         self.wo = Linear(self.n_heads * self.head_dim, config.dim, bias=bias)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, layer: int,
-                prefill: tuple[KVCache, int] | None = None, decode: _DecodeBatch | None = None) -> Tensor:
+                prefill: tuple[KVCache, int] | None = None, decode: _DecodeBatch | None = None,
+                weights: list[Tensor] | None = None) -> Tensor:
+        """With `weights` (a list, without cache), the causal softmax weights (B, n_heads, T, T) are
+        appended to it and the output computed from them rather than by the fused kernel."""
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qk, v = qkv.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=2)
@@ -189,9 +192,22 @@ class Attention(nn.Module):
                 cache, slot = prefill
                 cache.k[layer, slot, :, :T] = k[0]
                 cache.v[layer, slot, :, :T] = v[0]
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               enable_gqa=self.n_kv_heads != self.n_heads).transpose(1, 2)
+            if weights is not None:
+                y = self._weighted_attention(q, k, v, weights).transpose(1, 2)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                   enable_gqa=self.n_kv_heads != self.n_heads).transpose(1, 2)
         return self.wo(y.reshape(B, T, -1))
+
+    def _weighted_attention(self, q: Tensor, k: Tensor, v: Tensor, weights: list[Tensor]) -> Tensor:
+        """What scaled_dot_product_attention computes, its softmax weights kept: q (B, n_heads, T, d)."""
+        groups = self.n_heads // self.n_kv_heads  # each kv head serves `groups` consecutive query heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        T = q.shape[2]
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        probs = (q @ k.transpose(-1, -2) * self.scale).masked_fill(future, float("-inf")).softmax(dim=-1)
+        weights.append(probs)
+        return probs @ v
 
     def _decode_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, batch: _DecodeBatch) -> Tensor:
         """q: (B, 1, n_heads, head_dim); k, v: (B, 1, n_kv_heads, head_dim) -> (B, 1, n_heads, head_dim)."""
@@ -248,8 +264,9 @@ class Block(nn.Module):
         self.ffn = GeluMLP(config) if config.arch == "gpt2" else SwiGLU(config)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
-                prefill: tuple[KVCache, int] | None = None, decode: _DecodeBatch | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, self.layer, prefill, decode)
+                prefill: tuple[KVCache, int] | None = None, decode: _DecodeBatch | None = None,
+                weights: list[Tensor] | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, self.layer, prefill, decode, weights)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -317,12 +334,13 @@ class Transformer(nn.Module):
         return x, (table[:, :, None, 0], table[:, :, None, 1])
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(B, T) tokens -> (B, T, vocab) logits, causal, without the cache."""
+    def forward(self, tokens: Tensor, attention: list[Tensor] | None = None) -> Tensor:
+        """(B, T) tokens -> (B, T, vocab) logits, causal, without the cache. With `attention` (a list),
+        each layer's softmax weights (B, n_heads, T, T) are appended to it."""
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x, rope = self._embed(tokens, positions)
         for block in self.layers:
-            x = block(x, rope)
+            x = block(x, rope, weights=attention)
         return self.output(self.norm(x)).float()
 
     @torch.inference_mode()

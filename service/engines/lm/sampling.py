@@ -123,6 +123,17 @@ def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequenc
     return SampleOutput(tokens, _logprobs(probs, token_order, tokens, params))
 
 
+def sampling_distribution(logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor, Tensor]:
+    """What `sample` draws from for one row of logits (vocab): the token ids in descending
+    probability, their probabilities softmax(logits / T) (T = 1 for greedy), and the distribution
+    after top-k and top-p, renormalised (zero where they remove a token; greedy keeps the first only)."""
+    probs = torch.softmax(logits.float() / (1.0 if params.greedy else params.temperature), dim=-1)
+    probs, order = probs.sort(descending=True)
+    if params.greedy:
+        return order, probs, torch.zeros_like(probs).index_fill_(0, torch.tensor([0], device=probs.device), 1.0)
+    return order, probs, _top_k_top_p(probs[None], [params])[0]
+
+
 def _top_k_top_p(sorted_probs: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     """Zero out, per row, what top-k and top-p remove from descending probabilities; renormalise."""
     device = sorted_probs.device
