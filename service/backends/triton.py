@@ -22,6 +22,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,8 @@ from tritonclient.utils import InferenceServerException
 
 from service import metrics
 from service.backends.base import image_card, memory_card, text_card
-from service.banks.registry import BankInfo, DynamicsOptions, Fidelity, MemoryResults, checked_queries, results_of
+from service.banks.registry import (BankInfo, DynamicsOptions, Fidelity, MemoryResults, checked_queries, results_of,
+                                    stacked)
 from service.banks.shards import replicas_of
 from service.banks.store import BankRecord, Store
 from service.banks.writer import BankWriter
@@ -41,6 +43,7 @@ from service.engines.lm.weights import DEFAULT_MODEL_NAME
 from service.engines.memory import make_engine
 from service.engines.memory.shards import Partial
 from service.errors import InvalidArgument, Overloaded, ServiceError, TooManyRequests, Unavailable
+from service.serving.batching import MicroBatcher
 from service.triton import associative_memory as memory_wire
 from service.triton import energy_transformer as et_wire
 from service.triton import llm as llm_wire
@@ -53,6 +56,10 @@ if TYPE_CHECKING:
     from service.serving.scheduler import Prompt
 
 QUEUE_FULL = "Exceeds maximum queue size"
+# Batches of sharded-bank dynamics in progress at once (each a worker thread waiting on its fan-outs).
+SHARDED_RUNS = 4
+# A fan-out that a closing gateway never runs must not hold its worker thread forever.
+FAN_OUT_TIMEOUT_S = 300.0
 # How long a replica that failed a call goes to the back of the line.
 SUSPECT_S = 2.0
 # Statuses meaning "Triton (or the model) cannot answer now" rather than "this request is wrong".
@@ -130,6 +137,11 @@ class TritonBackend:
         self._banks: dict[str, BankInfo] = {}  # as last seen: whether a bank is sharded, its kind and params
         # Generations this gateway has in Triton: waiting for their first token, then running.
         self._generations = {"waiting": 0, "running": 0}
+        # A sharded bank's dynamics run in this gateway: concurrent requests on one bank with the same
+        # options batch, so that each evaluation is one fan-out for all of them.
+        self._shard_threads = ThreadPoolExecutor(max_workers=SHARDED_RUNS, thread_name_prefix="amserve-shards")
+        self._sharded_runs = MicroBatcher(self._run_sharded, executor=self._shard_threads)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         if self.server is not None:
@@ -141,8 +153,13 @@ class TritonBackend:
         # The scheduler lives in Triton; the gateway's gauges count the generations it streams from there.
         metrics.RUNNING_SEQUENCES.labels("llm").set_function(lambda: self._generations["running"])
         metrics.WAITING_SEQUENCES.labels("llm").set_function(lambda: self._generations["waiting"])
+        self._loop = asyncio.get_running_loop()
+        self._sharded_runs.start()
 
     async def close(self) -> None:
+        await self._sharded_runs.close()
+        # Not waiting: a run still in progress waits on fan-outs that need this loop, which is closing.
+        self._shard_threads.shutdown(wait=False, cancel_futures=True)
         for replica in self._replicas:
             await replica.client.close()
         self._replicas = []
@@ -335,7 +352,9 @@ class TritonBackend:
             info = await self.bank_info(name)
         try:
             if info is not None and len(info.shards) > 1:
-                return await self._run_sharded(info, queries, clamp, options, min_version)
+                record = BankRecord(info.name, info.kind, info.dim, info.params)
+                x, mask = checked_queries(record, queries, clamp)  # each request alone, before batching
+                return await self._sharded_runs.submit((name, options), (info, x, mask, min_version), rows=len(x))
             return await self._run(name, queries, clamp, options, min_version)
         except ServiceError:  # the bank may have been re-created with other shards: ask again next time
             self._banks.pop(name, None)
@@ -348,25 +367,28 @@ class TritonBackend:
         answer = await self._infer(ASSOCIATIVE_MEMORY, arrays, memory_wire.RUN_OUTPUTS, failover=True)
         return memory_wire.decode_results({name: answer.as_numpy(name)[0] for name in memory_wire.RUN_OUTPUTS})
 
-    async def _run_sharded(self, info: BankInfo, queries: np.ndarray, clamp: np.ndarray | None,
-                           options: DynamicsOptions, min_version: int) -> MemoryResults:
-        """The bank's dynamics run in a worker thread; each evaluation blocks it on one fan-out, which
-        runs on the event loop. The shards' nearest ids collect in `labels`, which the merge indexes."""
-        queries, mask = checked_queries(BankRecord(info.name, info.kind, info.dim, info.params), queries, clamp)
+    def _run_sharded(self, key: tuple[str, DynamicsOptions], parts: list[tuple]) -> list[MemoryResults]:
+        """A batch of checked requests on one sharded bank, in a worker thread: the dynamics run here and
+        each evaluation blocks the thread on one fan-out for the whole batch, which runs on the event
+        loop. The shards' nearest ids collect in `labels`, which the merged rows index."""
+        options = key[1]
+        info = parts[0][0]
+        min_version = max(part[3] for part in parts)
+        x, mask = stacked([(queries, clamp) for _, queries, clamp, _ in parts])
         front = make_engine(info.kind, info.dim, info.params)
-        loop, labels = asyncio.get_running_loop(), []
+        labels: list[str | None] = []
+        front.fan_out(lambda states: asyncio.run_coroutine_threadsafe(
+            self._fan_out(info, states.numpy(), min_version, labels), self._loop).result(FAN_OUT_TIMEOUT_S))
+        out = front.run(x, clamp=mask, steps=options.steps, step_size=options.step_size,
+                        tolerance=options.tolerance, trace=options.trace, explain=options.explain)
+        results = results_of(out, [labels[row] if row >= 0 else None for row in out.nearest.tolist()])
+        return results.split([len(queries) for _, queries, _, _ in parts])
+
+    async def _fan_out(self, info: BankInfo, states: np.ndarray, min_version: int, labels: list) -> list[Partial]:
         shards = len(info.shards)
-
-        async def fan_out(states: np.ndarray) -> list[Partial]:
-            answers = await asyncio.gather(*(self._partial(info.name, shard, shards, states, min_version)
-                                             for shard in range(shards)))
-            return [memory_wire.decode_partial(answer, shard, labels) for shard, answer in enumerate(answers)]
-
-        front.fan_out(lambda states: asyncio.run_coroutine_threadsafe(fan_out(states.numpy()), loop).result())
-        out = await asyncio.to_thread(
-            front.run, queries, clamp=mask, steps=options.steps, step_size=options.step_size, tolerance=options.tolerance, trace=options.trace,
-            explain=options.explain)
-        return results_of(out, [labels[row] if row >= 0 else None for row in out.nearest.tolist()])
+        answers = await asyncio.gather(*(self._partial(info.name, shard, shards, states, min_version)
+                                         for shard in range(shards)))
+        return [memory_wire.decode_partial(answer, shard, labels) for shard, answer in enumerate(answers)]
 
     async def _partial(self, name: str, shard: int, shards: int, states: np.ndarray, min_version: int
                        ) -> dict[str, np.ndarray]:

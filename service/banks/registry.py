@@ -126,6 +126,11 @@ class MemoryResults:
         return self.nearest == other.nearest and _same(self.top_ids, other.top_ids) and all(
             _same(getattr(self, name), getattr(other, name)) for name in arrays)
 
+    def split(self, sizes: list[int]) -> list[MemoryResults]:
+        """Consecutive shares of `sizes` rows: each request's answers in a batch."""
+        bounds = np.cumsum([0, *sizes]).tolist()
+        return [self.rows(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
     def rows(self, start: int, stop: int) -> MemoryResults:
         """Rows start..stop-1: one request's share of a batch (views, no copies)."""
         def part(column: np.ndarray | None) -> np.ndarray | None:
@@ -431,17 +436,10 @@ class BankRegistry:
         """Several checked requests on one bank with the same options: ONE batched engine call,
         answered as one MemoryResults per request."""
         bank = self._bank(name)
-        x = torch.cat([queries for queries, _ in parts])
-        clamped = any(mask is not None for _, mask in parts)
-        mask = torch.cat([m if m is not None else torch.zeros_like(q, dtype=torch.bool) for q, m in parts]) \
-            if clamped else None
+        x, mask = stacked(parts)
         with bank.lock:
             results = bank.run(x, mask, options)
-        split, start = [], 0
-        for queries, _ in parts:
-            split.append(results.rows(start, start + len(queries)))
-            start += len(queries)
-        return split
+        return results.split([len(queries) for queries, _ in parts])
 
 
     def fidelity(self, name: str, sample_size: int, noise: float) -> Fidelity:
@@ -513,6 +511,14 @@ def checked_queries(record: BankRecord, queries: np.ndarray, clamp: np.ndarray |
     if mask.shape != tuple(x.shape) or mask.dtype != np.bool_:
         raise InvalidArgument(f"mask must be booleans of the same shape as queries {tuple(x.shape)}", field="mask")
     return x, _tensor(mask)
+
+
+def stacked(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Several checked requests' queries and masks as one batch (no mask when none has one)."""
+    x = torch.cat([queries for queries, _ in parts])
+    if all(mask is None for _, mask in parts):
+        return x, None
+    return x, torch.cat([m if m is not None else torch.zeros_like(q, dtype=torch.bool) for q, m in parts])
 
 
 def checked_ids(ids: list[str] | None, count: int) -> list[str]:

@@ -6,16 +6,24 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 
 from tests.faults.test_triton_replicas import replica
 from tests.harness import ServerProcess
-from tests.helpers import wait_until
+from tests.helpers import metric_value, wait_until
 from tests.triton.fixtures import MEMORY_ONLY, export_for_tests
 
 DIM = 8
+
+
+def batch_sizes(url: str) -> tuple[float, float]:
+    """(requests, batches) the gateway's batcher has formed so far."""
+    text = httpx.get(f"{url}/metrics").text
+    return tuple(metric_value(text, f"amserve_batch_size_{series}", model="associative_memory") or 0.0
+                 for series in ("sum", "count"))
 
 
 def same_answers(client: httpx.Client, body: dict, route: str = "retrieve") -> tuple[dict, dict]:
@@ -60,6 +68,15 @@ def test_a_bank_sharded_over_two_replicas(tmp_path, postgres_dsn):
             same_answers(client, body)
             mask = [[i < 3 for i in range(DIM)]] * 3
             same_answers(client, body | {"mask": mask}, "complete")
+
+            # Concurrent requests on the bank batch in the gateway: one fan-out per step for several.
+            before = batch_sizes(gateway.url)
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda _: client.post("/v1/banks/split/retrieve", json=body).status_code,
+                                        range(32)))
+            assert answers == [200] * 32
+            requests, batches = (after - earlier for after, earlier in zip(batch_sizes(gateway.url), before))
+            assert batches > 0 and requests / batches > 1.5, (requests, batches)
 
             os.kill(first.pid, signal.SIGKILL)  # every shard still has the second replica
             for _ in range(5):
