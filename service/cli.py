@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from service import __version__
-from service.config import Settings
+from service.config import KV_DTYPES, LM_DTYPES, Settings
 from service.errors import ServiceError
 
 
@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue_size=args.max_queue_size, max_body_bytes=args.max_body_bytes,
         max_vectors_per_request=args.max_vectors_per_request, model=args.model,
         max_running_sequences=args.max_running_sequences, max_waiting_sequences=args.max_waiting_sequences,
-        max_context=args.max_context, api_keys_file=args.api_keys_file,
+        max_context=args.max_context, dtype=args.dtype, kv_dtype=args.kv_dtype, api_keys_file=args.api_keys_file,
         protect_metrics=args.protect_metrics or None, max_dim=args.max_dim, max_new_tokens=args.max_new_tokens,
         max_streams_per_tenant=args.max_streams_per_tenant, max_in_flight=args.max_in_flight,
         max_prompt_chars=args.max_prompt_chars, max_explain_states=args.max_explain_states,
@@ -66,6 +66,10 @@ def _add_serve(commands) -> None:
     p.add_argument("--max-running-sequences", type=int, help="LM decode slots (default 16)")
     p.add_argument("--max-waiting-sequences", type=int, help="LM requests waiting before 429 (default 64)")
     p.add_argument("--max-context", type=int, help="LM context per slot in tokens (default 2048)")
+    p.add_argument("--dtype", choices=LM_DTYPES, help="LM weights: fp32, bf16, weight-only int8 / int4, or auto "
+                   "(the fastest within accuracy on CPU, see the README; default auto)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, help="LM KV cache: fp32, bf16 or auto (the activations' dtype; "
+                   "default auto)")
     p.add_argument("--api-keys-file", type=Path, help="JSON file of API-key hashes per tenant (amserve keys create)")
     p.add_argument("--protect-metrics", action="store_true", help="require an API key for /metrics")
     p.set_defaults(func=_serve)

@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+LM_DTYPES = ("auto", "fp32", "bf16", "int8", "int4")  # LM weights (see service/engines/lm/weights.py)
+KV_DTYPES = ("auto", "fp32", "bf16")                  # LM KV cache; auto = the activations' dtype
+
 
 @dataclass
 class Settings:
@@ -21,7 +24,9 @@ class Settings:
     model: str = "default"                  # LM to serve: "default", a checkpoint dir / .gguf, or "none"
     max_running_sequences: int = 16         # continuous-batching slots of the LM
     max_waiting_sequences: int = 64         # generation queue before 429
-    max_context: int = 2048                 # KV-cache length per slot (memory = slots × context)
+    max_context: int = 2048                 # longest sequence per slot (the KV cache grows up to slots × context)
+    dtype: str = "auto"                     # LM weights: one of LM_DTYPES
+    kv_dtype: str = "auto"                  # LM KV cache: one of KV_DTYPES
     # Dynamic batching of retrieve/complete (embedded backend; the triton backend reads config.pbtxt).
     max_batch_size: int = 64
     max_queue_delay_us: int = 500
@@ -55,6 +60,9 @@ class Settings:
             if isinstance(value, str) and f.type in ("int", "Path", "Path | None", "bool"):
                 coerce = {"int": int, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(f.type, Path)
                 setattr(settings, f.name, coerce(value))
+        for name, allowed in (("dtype", LM_DTYPES), ("kv_dtype", KV_DTYPES)):
+            if getattr(settings, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(settings, name)!r}")
         settings.data_dir = Path(settings.data_dir)
         settings.model_repository = Path(settings.model_repository)
         return settings

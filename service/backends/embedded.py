@@ -4,6 +4,7 @@ that this process follows as a replica), retrieve/complete micro-batched."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -47,13 +48,14 @@ class EmbeddedBackend:
                  device: str = "cpu",
                  max_batch_size: int = 64, max_queue_delay_us: int = 500, max_queue_size: int = 1024,
                  model: str = "default", max_running_sequences: int = 16, max_waiting_sequences: int = 64,
-                 max_context: int = 2048):
+                 max_context: int = 2048, dtype: str = "auto", kv_dtype: str = "auto"):
         self._store = store or data_dir
         self._model_repository = Path(model_repository)
         self._lm = model
         self._lm_limits = dict(max_batch_size=max_running_sequences, max_waiting=max_waiting_sequences,
                                max_context=max_context)
         self._device = device
+        self._lm_dtypes = dict(dtype=dtype, kv_dtype=kv_dtype)
         self._batching = dict(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                               max_queue_size=max_queue_size)
         # One engine thread: batches run back to back (like one Triton instance), each using all
@@ -92,7 +94,8 @@ class EmbeddedBackend:
             self.image_batcher.start()
         if self._lm != "none":
             path, self.lm_name = resolve_model(self._lm, self._model_repository)
-            lm, self.tokenizer = await loop.run_in_executor(self._write_thread, load_model, path, self._device)
+            lm, self.tokenizer = await loop.run_in_executor(
+                self._write_thread, functools.partial(load_model, path, self._device, **self._lm_dtypes))
             self.scheduler = Scheduler(lm, self.tokenizer, **self._lm_limits)
             metrics.RUNNING_SEQUENCES.labels("llm").set_function(lambda: self.scheduler.stats().running)
             metrics.WAITING_SEQUENCES.labels("llm").set_function(lambda: self.scheduler.stats().waiting)

@@ -29,7 +29,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from service.config import Settings
+from service.config import KV_DTYPES, LM_DTYPES, Settings
 from service.engines.energy_transformer import CONFIG_FILE as ET_CONFIG
 from service.engines.energy_transformer import WEIGHTS_FILE as ET_WEIGHTS_FILE
 from service.engines.lm.weights import DEFAULT_MODEL_NAME
@@ -95,6 +95,8 @@ def export(
     max_running_sequences: int | None = None,
     max_waiting_sequences: int | None = None,
     max_context: int | None = None,
+    dtype: str | None = None,
+    kv_dtype: str | None = None,
 ) -> list[Path]:
     """Write each model's config.pbtxt and 1/model.py under `repository`; returns the files written.
 
@@ -113,6 +115,8 @@ def export(
         "max_running_sequences": str(max_running_sequences or defaults.max_running_sequences),
         "max_waiting_sequences": str(max_waiting_sequences or defaults.max_waiting_sequences),
         "max_context": str(max_context or defaults.max_context),
+        "dtype": dtype or defaults.dtype,
+        "kv_dtype": kv_dtype or defaults.kv_dtype,
     }
     written = []
     for spec in models:
@@ -194,6 +198,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-waiting-sequences", type=int, default=defaults.max_waiting_sequences,
                         help="LM requests waiting for a slot before 429")
     parser.add_argument("--max-context", type=int, default=defaults.max_context, help="LM context per slot")
+    parser.add_argument("--dtype", choices=LM_DTYPES, default=defaults.dtype, help="LM weights (see amserve serve)")
+    parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=defaults.kv_dtype, help="LM KV cache")
     parser.add_argument("--skip-llm", action="store_true",
                         help="do not convert the default LM into <repository>/llm/1 (Triton then fails to "
                              "load the llm model until it is there)")
@@ -203,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
     for path in export(args.model_repository, data_dir=args.data_dir, max_batch_size=args.max_batch_size,
                        max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
                        device_kind=args.device_kind, max_running_sequences=args.max_running_sequences,
-                       max_waiting_sequences=args.max_waiting_sequences, max_context=args.max_context):
+                       max_waiting_sequences=args.max_waiting_sequences, max_context=args.max_context,
+                       dtype=args.dtype, kv_dtype=args.kv_dtype):
         print(path)
     et_weights = args.model_repository / ENERGY_TRANSFORMER.name / "1"
     if not all((et_weights / name).is_file() for name in ET_WEIGHTS):

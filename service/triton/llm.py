@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from dataclasses import asdict, fields
@@ -133,10 +134,14 @@ class TextGeneration:
 
     @classmethod
     def load(cls, directory: str | Path, device: str, parameters: dict[str, str]) -> TextGeneration:
-        """The HF directory `amserve export` converts the model into, with the config's parameters."""
+        """The HF directory `amserve export` converts the model into, with the config's parameters;
+        AMSERVE_DTYPE / AMSERVE_KV_DTYPE (set by `amserve serve` for the Triton it starts) override
+        the exported dtypes."""
         from service.engines.lm.weights import load_model
 
-        model, tokenizer = load_model(directory, device)
+        model, tokenizer = load_model(directory, device,
+                                      dtype=os.environ.get("AMSERVE_DTYPE") or parameters["dtype"],
+                                      kv_dtype=os.environ.get("AMSERVE_KV_DTYPE") or parameters["kv_dtype"])
         scheduler = Scheduler(model, tokenizer, max_batch_size=int(parameters["max_running_sequences"]),
                               max_waiting=int(parameters["max_waiting_sequences"]),
                               max_context=int(parameters["max_context"]))

@@ -94,7 +94,8 @@ LLM = ModelSpec(
         TensorSpec("PARAMS", "TYPE_STRING", (1,)),
     ),
     outputs=(TensorSpec("TOKEN", "TYPE_STRING", (1,)),),
-    parameters=("served_model_name", "max_running_sequences", "max_waiting_sequences", "max_context"),
+    parameters=("served_model_name", "max_running_sequences", "max_waiting_sequences", "max_context", "dtype",
+                "kv_dtype"),
     decoupled=True,
 )
 

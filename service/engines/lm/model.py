@@ -3,8 +3,9 @@
 GPT-2: learned positions, LayerNorm, GELU (tanh), fused biased projections, tied head.
 Llama: RoPE (rotate-half convention, as in HF), RMSNorm, SwiGLU, grouped-query attention.
 
-The KV cache holds `max_batch` independent slots of `max_context` positions each, so that
-continuous batching can run one decode forward over sequences of different lengths:
+The KV cache holds up to `max_batch` independent slots of up to `max_context` positions each
+(grown on demand), so that continuous batching can run one decode forward over sequences of
+different lengths:
 `prefill(tokens, slot)` fills a slot from position 0, `decode(tokens, slots, positions)` appends
 one token to each listed slot and attends each over its own prefix.
 
@@ -129,21 +130,42 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values: (layers, slots, kv_heads, positions, head_dim)."""
+    """Keys and values, (layers, slots, kv_heads, positions, head_dim), allocated for what has been
+    used so far rather than for `max_batch` x `max_context`: `reserve` grows both the slots and the
+    positions (at least doubling, up to those limits) and keeps what was written. Allocated memory
+    follows the longest sequence and the most slots run at once (it is not given back)."""
+
+    MIN_POSITIONS = 64
 
     def __init__(self, config: ModelConfig, max_batch: int, max_context: int,
                  device: torch.device, dtype: torch.dtype):
-        shape = (config.n_layers, max_batch, config.n_kv_heads, max_context, config.attn_head_dim)
+        self.max_batch, self.max_context = max_batch, max_context
+        shape = (config.n_layers, 0, config.n_kv_heads, 0, config.attn_head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     @property
-    def max_batch(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def max_context(self) -> int:
+    def positions(self) -> int:
+        """Positions allocated per slot (the stride of a slot's rows)."""
         return self.k.shape[3]
+
+    def reserve(self, slots: int, positions: int) -> None:
+        """Make room for slots [0, slots) and positions [0, positions) of each."""
+        have_slots, have_positions = self.k.shape[1], self.k.shape[3]
+        if slots <= have_slots and positions <= have_positions:
+            return
+        if slots > self.max_batch or positions > self.max_context:
+            raise ValueError(f"the cache holds {self.max_batch} slots of {self.max_context} positions")
+        if slots > have_slots:
+            slots = min(max(slots, 2 * have_slots), self.max_batch)
+        if positions > have_positions:
+            positions = min(max(positions, 2 * have_positions, self.MIN_POSITIONS), self.max_context)
+        slots, positions = max(slots, have_slots), max(positions, have_positions)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((old.shape[0], slots, old.shape[2], positions, old.shape[4]))
+            new[:, :have_slots, :, :have_positions] = old
+            setattr(self, name, new)
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` (slot compaction)."""
@@ -189,7 +211,7 @@ class Attention(nn.Module):
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if prefill is not None:
-                cache, slot = prefill
+                cache, slot = prefill  # reserved by Transformer.prefill
                 cache.k[layer, slot, :, :T] = k[0]
                 cache.v[layer, slot, :, :T] = v[0]
             if weights is not None:
@@ -213,10 +235,11 @@ class Attention(nn.Module):
         """q: (B, 1, n_heads, head_dim); k, v: (B, 1, n_kv_heads, head_dim) -> (B, 1, n_heads, head_dim)."""
         B = q.shape[0]
         cache_k, cache_v = batch.cache.k[layer], batch.cache.v[layer]
-        cache_k.view(-1, self.head_dim).index_copy_(0, batch.rows, k.reshape(-1, self.head_dim))
-        cache_v.view(-1, self.head_dim).index_copy_(0, batch.rows, v.reshape(-1, self.head_dim))
-        keys = cache_k[batch.slots, :, :batch.kv_len]  # (B, n_kv_heads, kv_len, head_dim)
-        values = cache_v[batch.slots, :, :batch.kv_len]
+        cache_k.view(-1, self.head_dim).index_copy_(0, batch.rows, k.reshape(-1, self.head_dim).to(cache_k.dtype))
+        cache_v.view(-1, self.head_dim).index_copy_(0, batch.rows, v.reshape(-1, self.head_dim).to(cache_v.dtype))
+        # (B, n_kv_heads, kv_len, head_dim), in the activations' dtype when the cache has its own
+        keys = cache_k[batch.slots, :, :batch.kv_len].to(q.dtype)
+        values = cache_v[batch.slots, :, :batch.kv_len].to(q.dtype)
         # One query per sequence: the query heads sharing a kv head become that head's query rows,
         # so grouped-query attention needs no key/value repetition. At these sizes two plain
         # matmuls beat SDPA's kernels, whose set-up is made for long sequences.
@@ -286,18 +309,27 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope", rope_table(config) if config.arch == "llama" else None, persistent=False)
         self.cache: KVCache | None = None
+        self.cache_dtype: torch.dtype | None = None  # the KV cache's, when not the activations'
 
     @classmethod
-    def from_state_dict(cls, config: ModelConfig, state: dict[str, Tensor]) -> Transformer:
-        """Build without random initialisation; tensors are used as given (device, dtype)."""
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, Tensor],
+                        modules: dict[str, nn.Module] | None = None) -> Transformer:
+        """Build without random initialisation; tensors are used as given (device, dtype).
+        `modules` (e.g. quantized layers) replace the submodules of those names, and `state` then
+        holds the rest; a replaced head is tied to the embedding by whoever made the two."""
         with torch.device("meta"):
             model = cls(config)
-        if config.tied_head:
+        modules = modules or {}
+        for name, module in modules.items():
+            model.set_submodule(name, module)
+            state = {**state, **{f"{name}.{key}": value for key, value in module.state_dict().items()}}
+        tied = config.tied_head and "output" not in modules
+        if tied:
             state = {**state, "output.weight": state["tok_embeddings.weight"]}
         model.load_state_dict(state, strict=True, assign=True)
-        if config.tied_head:
+        if tied:
             model.output.weight = model.tok_embeddings.weight
-        device = state["tok_embeddings.weight"].device
+        device = state["norm.weight"].device
         model.rope = rope_table(config, device) if config.arch == "llama" else None
         return model.eval()
 
@@ -307,13 +339,15 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
+        """The activations' dtype (that of the norms: quantized layers compute in it too)."""
+        return self.norm.weight.dtype
 
     def setup_cache(self, max_batch: int, max_context: int | None = None) -> KVCache:
-        """Allocate the KV cache once; prefill/decode then never reallocate it. Also packs the
-        linear weights for oneDNN (see `pack_weights`), so call it once the weights are final."""
+        """Make the KV cache (grown by prefill/decode as needed), in `cache_dtype` or else the
+        activations' dtype. Also packs the linear weights for oneDNN (see `pack_weights`), so call it
+        once the weights are final."""
         max_context = min(max_context or self.config.max_context, self.config.max_context)
-        self.cache = KVCache(self.config, max_batch, max_context, self.device, self.dtype)
+        self.cache = KVCache(self.config, max_batch, max_context, self.device, self.cache_dtype or self.dtype)
         self.pack_weights()
         return self.cache
 
@@ -350,6 +384,7 @@ class Transformer(nn.Module):
         if self.cache is None:
             raise RuntimeError("call setup_cache() before prefill()")
         tokens = tokens.view(1, -1)
+        self.cache.reserve(slot + 1, tokens.shape[1])
         positions = torch.arange(tokens.shape[1], device=tokens.device).view(1, -1)
         x, rope = self._embed(tokens, positions)
         for block in self.layers:
@@ -365,8 +400,9 @@ class Transformer(nn.Module):
         slots, positions = list(slots), list(positions)
         device, cache = tokens.device, self.cache
         B, kv_heads, kv_len = len(slots), self.config.n_kv_heads, max(positions) + 1
+        cache.reserve(max(slots) + 1, kv_len)
         pos = torch.tensor(positions, device=device)
-        rows = [(slot * kv_heads + head) * cache.max_context + position
+        rows = [(slot * kv_heads + head) * cache.positions + position
                 for slot, position in zip(slots, positions) for head in range(kv_heads)]
         mask = None
         if min(positions) != kv_len - 1:  # some sequences are shorter than the longest: hide what lies past them

@@ -4,6 +4,12 @@ Every source is first expressed as an HF config dict plus HF-named tensors; one 
 turns those into our `ModelConfig` and state dict. GGUF tensors are dequantised with the `gguf`
 package and llama.cpp's q/k row permutation (made for its interleaved RoPE) is undone, so the
 result matches HF's rotate-half RoPE. No pickle anywhere.
+
+Precision (`dtype`): fp32 or bf16 dense weights, or weight-only int8 / int4 linear layers
+(service/engines/lm/quantized.py). For int4, GGUF Q4_0/Q4_1 blocks become int4 groups as they are
+(same integers, scales and mins); every other tensor is rounded to nearest from its float values.
+The int8 kernel takes one scale per output row, so Q8_0's per-32 scales cannot be kept: int8 is
+rounded from the dequantised values too. The token embedding (and the tied head) is int8 in both.
 """
 
 from __future__ import annotations
@@ -11,24 +17,74 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from service.engines.lm.model import ModelConfig, Transformer
+from service.engines.lm.model import Linear, ModelConfig, Transformer
+from service.engines.lm.quantized import INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear
+from service.config import KV_DTYPES, LM_DTYPES
 from service.engines.lm.tokenizer import Tokenizer
 from service.errors import InvalidArgument, NotFound
 
-TensorSource = Callable[[str], Tensor]
+
+DTYPES = LM_DTYPES
+# What `auto` serves on CPU. On the 2-core AVX2 machine of loadtest/results/quantized.json only fp32
+# meets the accuracy target (int8's top-1 agreement is under 98%) and it is also the fastest at 16
+# streams (oneDNN-packed sgemm against kernels whose bf16 arithmetic is emulated without AVX-512).
+AUTO_DTYPE = "fp32"
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> str:
+    """A `--dtype` value (or torch.float32 / torch.bfloat16) -> one of fp32, bf16, int8, int4.
+    The int8/int4 kernels used are CPU ones; on other devices `auto` is bf16."""
+    named = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+    if named not in DTYPES:
+        raise InvalidArgument(f"unknown dtype {dtype!r}: one of {', '.join(DTYPES)}", field="dtype")
+    on_cpu = torch.device(device).type == "cpu"
+    if named == "auto":
+        return AUTO_DTYPE if on_cpu else "bf16"
+    if named in ("int8", "int4") and not on_cpu:
+        raise InvalidArgument(f"dtype {named} runs on CPU only", field="dtype")
+    return named
+
+
+@dataclass
+class Int4Groups:
+    """A weight kept in int4 groups of INT4_GROUP_SIZE inputs: q (out, in) in 0..15 and per-group
+    scales and mins (out, in // group); the value is q * scale + min."""
+
+    q: Tensor
+    scales: Tensor
+    mins: Tensor
+
+    def dequantized(self) -> Tensor:
+        groups = self.q.view(*self.scales.shape, -1).float()
+        return (groups * self.scales[..., None] + self.mins[..., None]).view(self.q.shape)
+
+    @staticmethod
+    def cat_rows(parts: Sequence[Int4Groups]) -> Int4Groups:
+        return Int4Groups(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "mins")))
+
+
+TensorSource = Callable[[str], "Tensor | Int4Groups"]
+
+
+def _cat_rows(parts: Sequence[Tensor | Int4Groups]) -> Tensor | Int4Groups:
+    """Stack projections (q/k/v, gate/up) into one weight, in int4 groups when all of them are."""
+    if all(isinstance(p, Int4Groups) for p in parts):
+        return Int4Groups.cat_rows(parts)
+    return torch.cat([p.dequantized() if isinstance(p, Int4Groups) else p for p in parts])
 
 
 # --- HF config and names -> ours -------------------------------------------------------------
@@ -89,11 +145,11 @@ def state_from_hf(config: ModelConfig, get: TensorSource) -> Iterator[tuple[str,
         for i in range(config.n_layers):
             hf, ours = f"model.layers.{i}.", f"layers.{i}."
             yield ours + "attn_norm.weight", get(hf + "input_layernorm.weight")
-            yield ours + "attn.wqkv.weight", torch.cat([get(hf + f"self_attn.{p}_proj.weight") for p in "qkv"])
+            yield ours + "attn.wqkv.weight", _cat_rows([get(hf + f"self_attn.{p}_proj.weight") for p in "qkv"])
             yield ours + "attn.wo.weight", get(hf + "self_attn.o_proj.weight")
             yield ours + "ffn_norm.weight", get(hf + "post_attention_layernorm.weight")
-            yield ours + "ffn.w_gate_up.weight", torch.cat([get(hf + "mlp.gate_proj.weight"),
-                                                            get(hf + "mlp.up_proj.weight")])
+            yield ours + "ffn.w_gate_up.weight", _cat_rows([get(hf + "mlp.gate_proj.weight"),
+                                                             get(hf + "mlp.up_proj.weight")])
             yield ours + "ffn.w_down.weight", get(hf + "mlp.down_proj.weight")
         yield "norm.weight", get("model.norm.weight")
     if not config.tied_head:
@@ -101,13 +157,46 @@ def state_from_hf(config: ModelConfig, get: TensorSource) -> Iterator[tuple[str,
 
 
 def build_model(config: ModelConfig, get: TensorSource, device: torch.device | str,
-                dtype: torch.dtype) -> Transformer:
+                dtype: str | torch.dtype = "fp32") -> Transformer:
+    dtype = resolve_dtype(dtype, device)
     try:
-        state = {name: tensor.to(device=device, dtype=dtype).contiguous()
-                 for name, tensor in state_from_hf(config, get)}
+        state = dict(state_from_hf(config, get))
     except KeyError as missing:
         raise InvalidArgument(f"checkpoint has no tensor {missing}", field="model") from None
-    return Transformer.from_state_dict(config, state)
+    modules = _quantized_modules(config, state, dtype) if dtype in ("int8", "int4") else {}
+    float_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    dense = {name: _dense(value).to(device=device, dtype=float_dtype).contiguous() for name, value in state.items()}
+    return Transformer.from_state_dict(config, dense, modules)
+
+
+def _quantized_modules(config: ModelConfig, state: dict[str, Tensor | Int4Groups], dtype: str) -> dict[str, nn.Module]:
+    """Replace every linear layer and the embedding in `state` (popping their tensors) by int8 /
+    int4 modules. int4 needs out % 16 == 0 and in % group == 0 (the kernel's layout); layers that
+    do not fit are int8."""
+    with torch.device("meta"):
+        linears = [name for name, module in Transformer(config).named_modules() if isinstance(module, Linear)]
+    modules: dict[str, nn.Module] = {}
+    embedding = Int8Linear.quantize(_dense(state.pop("tok_embeddings.weight")))
+    for name in linears:
+        bias = state.pop(f"{name}.bias", None)
+        if name == "output" and config.tied_head:
+            embedding.bias = bias
+            modules[name] = embedding
+            continue
+        weight = state.pop(f"{name}.weight")
+        out_features, in_features = weight.q.shape if isinstance(weight, Int4Groups) else weight.shape
+        if dtype == "int8" or out_features % 16 or in_features % INT4_GROUP_SIZE:
+            modules[name] = Int8Linear.quantize(_dense(weight), bias)
+        elif isinstance(weight, Int4Groups):
+            modules[name] = Int4Linear(weight.q, weight.scales, weight.mins, bias)
+        else:
+            modules[name] = Int4Linear.quantize(weight.float(), bias)
+    modules["tok_embeddings"] = Int8Embedding(embedding)
+    return modules
+
+
+def _dense(weight: Tensor | Int4Groups) -> Tensor:
+    return weight.dequantized() if isinstance(weight, Int4Groups) else weight.float()
 
 
 # --- HF directories --------------------------------------------------------------------------
@@ -210,23 +299,48 @@ def _hf_name(gguf_name: str) -> str:
     return f"model.layers.{layer}.{_GGUF_BLOCK_TO_HF[part]}.{kind}"
 
 
-def gguf_tensors(reader: GGUFReader, hf_config: dict[str, Any], progress: bool = False) -> Iterator[tuple[str, Tensor]]:
-    """Dequantised float32 tensors under their HF names, q/k rows back in HF order."""
-    for tensor in tqdm(reader.tensors, desc="dequantising", unit="tensor", disable=not progress):
-        values = dequantize(tensor.data, tensor.tensor_type).reshape([int(d) for d in reversed(tensor.shape)])
+_Q4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+
+
+def gguf_q4_groups(blocks: np.ndarray, kind: GGMLQuantizationType) -> tuple[np.ndarray, ...]:
+    """Q4_0 / Q4_1 blocks (rows, bytes) -> q (rows, in) in 0..15, scales and mins (rows, in // 32).
+    A block is an fp16 scale d (Q4_1: then an fp16 min m), then 16 bytes holding the block's first
+    16 values in their low nibbles and the last 16 in their high ones; value = q * d + m
+    (Q4_0: (q - 8) * d, so m = -8 d)."""
+    rows = blocks.shape[0]
+    header = 4 if kind == GGMLQuantizationType.Q4_1 else 2
+    blocks = blocks.reshape(rows, -1, header + 16)
+    scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if header == 4 else -8 * scales
+    packed = blocks[..., header:]
+    q = np.concatenate((packed & 0x0F, packed >> 4), axis=-1).reshape(rows, -1)
+    return q, scales, mins
+
+
+def gguf_tensors(reader: GGUFReader, hf_config: dict[str, Any], progress: bool = False,
+                 int4_groups: bool = False) -> Iterator[tuple[str, Tensor | Int4Groups]]:
+    """Dequantised float32 tensors under their HF names, q/k rows back in HF order;
+    with `int4_groups`, Q4_0/Q4_1 tensors as `Int4Groups` instead."""
+    for tensor in tqdm(reader.tensors, desc="reading", unit="tensor", disable=not progress):
         name = _hf_name(tensor.name)
+        if int4_groups and tensor.tensor_type in _Q4_TYPES:
+            parts = gguf_q4_groups(tensor.data, tensor.tensor_type)
+        else:
+            parts = (dequantize(tensor.data, tensor.tensor_type).reshape([int(d) for d in reversed(tensor.shape)]),)
         if name.endswith("q_proj.weight"):
-            values = _unpermute_rope_rows(values, hf_config["num_attention_heads"])
+            parts = tuple(_unpermute_rope_rows(part, hf_config["num_attention_heads"]) for part in parts)
         elif name.endswith("k_proj.weight"):
-            values = _unpermute_rope_rows(values, hf_config["num_key_value_heads"])
-        yield name, torch.from_numpy(np.require(values, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+            parts = tuple(_unpermute_rope_rows(part, hf_config["num_key_value_heads"]) for part in parts)
+        tensors = [torch.from_numpy(np.require(part, None, ["C_CONTIGUOUS", "WRITEABLE"])) for part in parts]
+        yield name, Int4Groups(*tensors) if len(tensors) == 3 else tensors[0].float()
 
 
-def _read_gguf(path: Path, progress: bool = False) -> tuple[dict[str, Any], dict[str, Tensor], Tokenizer]:
+def _read_gguf(path: Path, progress: bool = False,
+               int4_groups: bool = False) -> tuple[dict[str, Any], dict[str, Tensor | Int4Groups], Tokenizer]:
     reader = GGUFReader(path)
     meta = gguf_metadata(reader)
     hf_config = hf_config_from_gguf(meta, {t.name for t in reader.tensors})
-    tensors = dict(gguf_tensors(reader, hf_config, progress))
+    tensors = dict(gguf_tensors(reader, hf_config, progress, int4_groups))
     return hf_config, tensors, Tokenizer.from_gguf_metadata(meta)
 
 
@@ -245,21 +359,27 @@ def convert_gguf(gguf_path: Path | str, out_dir: Path | str, progress: bool = Tr
 # --- entry points ----------------------------------------------------------------------------
 
 
-def load_model(path: Path | str, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+def load_model(path: Path | str, device: torch.device | str = "cpu", dtype: str | torch.dtype = "fp32",
+               kv_dtype: str = "auto") -> tuple[Transformer, Tokenizer]:
     """An HF directory (config.json + *.safetensors + tokenizer files; GPT-2 may omit them) or a
-    .gguf file -> (model, tokenizer)."""
+    .gguf file -> (model, tokenizer), its weights in `dtype` (one of DTYPES) and its KV cache in
+    `kv_dtype` (one of KV_DTYPES)."""
     path = Path(path)
+    if kv_dtype not in KV_DTYPES:
+        raise InvalidArgument(f"unknown kv_dtype {kv_dtype!r}: one of {', '.join(KV_DTYPES)}", field="kv_dtype")
     if path.is_file() and path.suffix == ".gguf":
-        hf_config, tensors, tokenizer = _read_gguf(path)
-        return build_model(config_from_hf(hf_config), tensors.__getitem__, device, dtype), tokenizer
-    hf_config = _hf_config(path)
-    model = build_model(config_from_hf(hf_config), _safetensors_source(path), device, dtype)
-    return model, _hf_tokenizer(path, hf_config)
+        hf_config, tensors, tokenizer = _read_gguf(path, int4_groups=resolve_dtype(dtype, device) == "int4")
+        model = build_model(config_from_hf(hf_config), tensors.__getitem__, device, dtype)
+    else:
+        hf_config = _hf_config(path)
+        model = build_model(config_from_hf(hf_config), _safetensors_source(path), device, dtype)
+        tokenizer = _hf_tokenizer(path, hf_config)
+    model.cache_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(kv_dtype)
+    return model, tokenizer
 
 
 def load_weights(path: Path | str, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> Transformer:
+                 dtype: str | torch.dtype = "fp32") -> Transformer:
     """The model alone, from an HF directory (no tokenizer files needed)."""
     path = Path(path)
     return build_model(config_from_hf(_hf_config(path)), _safetensors_source(path), device, dtype)

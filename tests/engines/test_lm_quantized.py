@@ -1,0 +1,142 @@
+"""Weights in their own precision (bf16, weight-only int8 / int4) and the KV cache grown on demand."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize, quantize
+
+from service.config import Settings
+from service.engines.lm import ModelConfig, Transformer, default_gguf_path, load_model
+from service.engines.lm.quantized import Int4Linear, Int8Linear
+from service.engines.lm.weights import gguf_q4_groups
+from tests.engines.test_lm_default_model import generate
+
+TEXT = ("Associative memories store patterns as the minima of an energy function. A query descends the "
+        "energy until it settles in the nearest minimum, and the pattern found there is the answer. "
+        "Dense associative memories sharpen the energy so that many more patterns fit than in the "
+        "classical Hopfield network, and the Energy Transformer builds attention from the same idea.")
+
+# Against the fp32 model on TEXT (69 tokens; the fp32 model is the dequantised GGUF): the largest
+# logit difference allowed and the least share of positions with the same top-1 token. Measured:
+# bf16 0.69 / 91.3%, int8 1.4 / 94.2%, int4 0.90 / 89.9% (6, 4 and 7 positions of 69);
+# loadtest/bench_quantized.py measures the same on 512 tokens.
+TOLERANCES = {"bf16": (1.5, 0.85), "int8": (2.5, 0.85), "int4": (2.0, 0.85)}
+
+
+def test_int8_matmul_is_the_dequantised_weight_times_the_input():
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(48, 64), torch.randn(48), torch.randn(5, 64)
+    exact = Int8Linear.quantize(weight, bias, compute_dtype=torch.float32)
+    reference = x @ (exact.weight.float() * exact.scales[:, None]).T + bias
+    torch.testing.assert_close(exact(x), reference, rtol=1e-5, atol=1e-5)
+    assert (exact.dequantized() - weight).abs().max() <= weight.abs().amax() / 254 + 1e-6  # half a step
+    fast = Int8Linear.quantize(weight, bias)  # bf16 activations: bf16's rounding on top
+    torch.testing.assert_close(fast(x), reference, rtol=2e-2, atol=5e-2)
+
+
+def test_int4_matmul_is_the_dequantised_groups_times_the_input():
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (32, 64))
+    q[:, ::32], q[:, 1::32] = 0, 15  # every group spans the whole grid (as GGUF Q4_1 blocks do)
+    scales, mins = torch.rand(32, 2) / 10, torch.randn(32, 2) / 10
+    x = torch.randn(3, 64)
+    weight = (q.view(32, 2, 32) * scales[..., None] + mins[..., None]).view(32, 64)
+    layer = Int4Linear(q, scales, mins, compute_dtype=torch.float32)
+    torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-5, atol=1e-5)
+    # Rounding a weight already on a 16-step grid per group gives that grid back.
+    torch.testing.assert_close(Int4Linear.quantize(weight, compute_dtype=torch.float32)(x), x @ weight.T,
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
+def test_q4_blocks_are_read_as_gguf_dequantises_them(kind):
+    weight = np.random.default_rng(0).standard_normal((16, 128)).astype(np.float32)
+    blocks = quantize(weight, kind)
+    q, scales, mins = gguf_q4_groups(blocks, kind)
+    ours = (q.reshape(16, 4, 32) * scales[..., None] + mins[..., None]).reshape(16, 128)
+    np.testing.assert_allclose(ours, dequantize(blocks, kind), rtol=1e-6, atol=1e-6)
+
+
+def test_the_default_model_keeps_its_q4_1_blocks_as_int4_groups():
+    tensor = next(t for t in GGUFReader(default_gguf_path()).tensors if t.name == "blk.0.ffn_down.weight")
+    assert tensor.tensor_type == GGMLQuantizationType.Q4_1
+    q, scales, mins = gguf_q4_groups(tensor.data, tensor.tensor_type)
+    rows = q.shape[0]
+    ours = (q.reshape(rows, -1, 32) * scales[..., None] + mins[..., None]).reshape(rows, -1)
+    np.testing.assert_allclose(ours, dequantize(tensor.data, tensor.tensor_type), rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fp32_model():
+    return load_model(default_gguf_path(), dtype="fp32")
+
+
+@pytest.mark.parametrize("dtype", sorted(TOLERANCES))
+def test_each_dtype_is_close_to_fp32(fp32_model, dtype):
+    reference, tokenizer = fp32_model
+    model, _ = load_model(default_gguf_path(), dtype=dtype)
+    tokens = torch.tensor(tokenizer.encode(TEXT))[None]
+    expected, got = reference(tokens)[0], model(tokens)[0]
+    max_difference, min_agreement = TOLERANCES[dtype]
+    assert (got - expected).abs().max() <= max_difference
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= min_agreement
+    text, _ = generate(model, tokenizer, "The capital of France is", max_tokens=6)  # the serving path
+    assert "Paris" in text
+
+
+def test_int_dtypes_use_the_quantized_layers():
+    model, _ = load_model(default_gguf_path(), dtype="int4")
+    assert isinstance(model.layers[0].ffn.w_down, Int4Linear)
+    assert isinstance(model.output, Int8Linear)  # Q8_0 in the file: int8, shared with the embedding
+    assert model.tok_embeddings.weight.data_ptr() == model.output.weight.data_ptr()  # one table in memory
+
+
+def tiny_llama() -> Transformer:
+    config = ModelConfig(arch="llama", vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                         max_context=256)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = Transformer(config).state_dict()
+    state = {name: torch.randn(t.shape) * 0.2 for name, t in shapes.items() if name != "output.weight"}
+    return Transformer.from_state_dict(config, state)
+
+
+@pytest.mark.parametrize("cache_dtype, atol", [(None, 1e-4), (torch.bfloat16, 5e-2)])
+def test_the_kv_cache_grows_on_demand_and_decodes_as_the_full_forward(cache_dtype, atol):
+    model = tiny_llama()
+    model.cache_dtype = cache_dtype
+    cache = model.setup_cache(max_batch=4, max_context=256)
+    assert cache.k.numel() == 0  # nothing allocated for the limits
+    prompts = [torch.randint(0, 64, (n,)) for n in (5, 60)]
+    sequences = [p.tolist() for p in prompts]
+    last = [model.prefill(p, slot) for slot, p in enumerate(prompts)]
+    assert cache.k.shape[1] == 2 and cache.positions == 64
+    for _ in range(10):  # the second sequence passes 64 positions: the cache doubles, keeping its contents
+        tokens = torch.stack([logits.argmax() for logits in last])
+        for sequence, token in zip(sequences, tokens.tolist()):
+            sequence.append(token)
+        last = list(model.decode(tokens, [0, 1], [len(s) - 1 for s in sequences]))
+    assert cache.positions == 128 and cache.k.dtype == (cache_dtype or torch.float32)
+    for sequence, logits in zip(sequences, last):
+        torch.testing.assert_close(logits, model(torch.tensor([sequence]))[0, -1], rtol=0, atol=atol)
+
+
+def test_a_bad_dtype_is_a_clear_error():
+    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--dtype", "int3"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--dtype: invalid choice: 'int3'" in result.stderr
+    with pytest.raises(ValueError, match="dtype must be one of auto, fp32, bf16, int8, int4"):
+        Settings.from_env(dtype="fp16")
+    os.environ["AMSERVE_KV_DTYPE"] = "int8"
+    try:
+        with pytest.raises(ValueError, match="kv_dtype must be one of"):
+            Settings.from_env()
+    finally:
+        del os.environ["AMSERVE_KV_DTYPE"]
