@@ -220,18 +220,14 @@ async def list_models(ops: Ops):
                  description="Generate text; with stream=true, Server-Sent Events: one chunk per token, then the "
                              "finish chunk (finish_reason, usage), then [DONE].")
 async def generate(body: schemas.GenerateRequest, request: Request, ops: Ops, tenant: Caller):
-    if body.stream:
-        return server_sent_events(await ops.stream_generate(tenant, body))
-    return await unless_disconnected(request, ops.generate(tenant, body))
+    return await streamed_or_whole(request, body.stream, ops.stream_generate, ops.generate, tenant, body)
 
 
 @generation.post("/v1/completions", responses={**answers(*WITH_BODY, 404, 429), 200: {"content": SERVER_SENT_EVENTS}},
                  description="OpenAI-compatible text completions (streaming too): prompt lists, echo with prompt "
                              "logprobs (max_tokens 0 scores the prompt), n, and vLLM's min_tokens and ignore_eos.")
 async def completions(body: schemas.CompletionsRequest, request: Request, ops: Ops, tenant: Caller):
-    if body.stream:
-        return server_sent_events(await ops.stream_completions(tenant, body))
-    return await unless_disconnected(request, ops.completions(tenant, body))
+    return await streamed_or_whole(request, body.stream, ops.stream_completions, ops.completions, tenant, body)
 
 
 @generation.post("/v1/chat/completions", responses={**answers(*WITH_BODY, 404, 429),
@@ -239,9 +235,8 @@ async def completions(body: schemas.CompletionsRequest, request: Request, ops: O
                  description="OpenAI-compatible chat completions: the messages rendered with the model's own chat "
                              "template; with stream=true, chat.completion.chunk deltas.")
 async def chat_completions(body: schemas.ChatCompletionsRequest, request: Request, ops: Ops, tenant: Caller):
-    if body.stream:
-        return server_sent_events(await ops.stream_chat_completions(tenant, body))
-    return await unless_disconnected(request, ops.chat_completions(tenant, body))
+    return await streamed_or_whole(request, body.stream, ops.stream_chat_completions, ops.chat_completions, tenant,
+                                   body)
 
 
 # ----- errors ---------------------------------------------------------------------------------
@@ -295,6 +290,14 @@ def server_sent_events(chunks: AsyncIterator[dict]) -> StreamingResponse:
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
         yield b"data: [DONE]\n\n"
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def streamed_or_whole(request: Request, stream: bool, streamed, whole, tenant: str | None, body):
+    """A generation route's answer: Server-Sent Events from `streamed`, or `whole`'s answer unless the
+    client went away first."""
+    if stream:
+        return server_sent_events(await streamed(tenant, body))
+    return await unless_disconnected(request, whole(tenant, body))
 
 
 async def unless_disconnected(request: Request, work: Awaitable, poll: float = 0.25):

@@ -96,6 +96,17 @@ def field_error(field: str, message: str) -> ValidationError:
         type=PydanticCustomError("invalid_combination", message), loc=(field,), input=None)])
 
 
+def one_message(field: str, message: str):
+    """A wrap validator for a field of several accepted shapes: one message naming them all, instead of
+    one error per shape tried."""
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(field, message) from None
+    return check
+
+
 def shaped_like(other: str):
     """A validator: the mask has the shape of the field `other` (when that one parsed)."""
     def check(mask: list[list[bool]], info: ValidationInfo) -> list[list[bool]]:
@@ -355,15 +366,9 @@ class CompletionsRequest(OpenAIFields):
             raise field_error("min_tokens", "more than max_tokens")
         return self
 
-    @field_validator("prompt", mode="wrap")
-    @classmethod
-    def _one_prompt_shape(cls, prompt: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """One message for the four shapes, instead of one per shape tried."""
-        try:
-            return handler(prompt)
-        except ValidationError:
-            raise PydanticCustomError("prompt", "must be a string, or a non-empty array of strings, of token ids "
-                                      "(integers >= 0) or of non-empty arrays of token ids") from None
+    _one_prompt_shape = field_validator("prompt", mode="wrap")(one_message(
+        "prompt", "must be a string, or a non-empty array of strings, of token ids (integers >= 0) or of "
+        "non-empty arrays of token ids"))
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: a text or token ids."""
@@ -382,15 +387,8 @@ class ChatMessage(Strict):
     content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[list[TextPart], Field(
         min_length=1, max_length=10_000)]
 
-    @field_validator("content", mode="wrap")
-    @classmethod
-    def _one_content_shape(cls, content: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """One message for both shapes, instead of one per shape tried."""
-        try:
-            return handler(content)
-        except ValidationError:
-            raise PydanticCustomError("content", 'must be a string or a non-empty array of {"type": "text", "text"} '
-                                      "parts") from None
+    _one_content_shape = field_validator("content", mode="wrap")(one_message(
+        "content", 'must be a string or a non-empty array of {"type": "text", "text"} parts'))
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
