@@ -36,6 +36,12 @@ class TooLarge(ServiceError):
     code = "too_large"
 
 
+class NotSupported(ServiceError):
+    """An operation this backend does not offer (another backend does)."""
+
+    code = "not_implemented"
+
+
 class Retryable(ServiceError):
     """Not the request's fault: the same request may succeed after `retry_after` seconds."""
 

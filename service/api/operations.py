@@ -201,6 +201,13 @@ class Operations:
             return chunk
         return {"text": event["text"], "finish_reason": event["finish_reason"], "usage": event["usage"]}
 
+    async def explain_text(self, request: schemas.ExplainTextRequest) -> schemas.ExplainTextResponse:
+        self._check_prompt_chars(len(request.prompt), "prompt")
+        params = SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
+        model, explained = await self.backend.explain_text(request.prompt, params, request.top_n, request.layers,
+                                                           request.heads, self.limits.max_attention_weights)
+        return schemas.ExplainTextResponse.of(model, explained)
+
     async def check_lm(self, name: str) -> None:
         served = [m["id"] for m in await self.backend.models() if m["task"] == "text-generation"]
         if name not in served:

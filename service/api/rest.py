@@ -49,6 +49,7 @@ ERROR_MEANINGS = {
     413: "The body, or the prompt, is over the service's limit.",
     422: "Invalid input; `field` names it.",
     429: "Too many generations in progress or waiting; retry after Retry-After seconds.",
+    501: "This backend does not offer the operation.",
     503: "Overloaded, or a dependency unavailable; retry after Retry-After seconds.",
 }
 WITH_BODY = (400, 413, 422)  # what any route reading a JSON body can answer
@@ -213,6 +214,15 @@ async def complete_image(body: schemas.CompleteImageRequest, ops: Ops):
 @models.get("/v1/models", dependencies=[Depends(caller)], response_model=schemas.ModelList)
 async def list_models(ops: Ops):
     return await ops.models()
+
+
+@generation.post("/v1/explain", dependencies=[Depends(caller)], response_model=schemas.ExplainTextResponse, responses=answers(*WITH_BODY, 501),
+                 description="The text model explained by its own forward pass: the prompt's tokens, the causal "
+                             "softmax attention [layer][head][query][key] of the layers and heads asked for, and the "
+                             "next-token candidates with what temperature, top-k and top-p make of them; 413 past "
+                             "--max-attention-weights (layers × heads × tokens²).")
+async def explain_text(body: schemas.ExplainTextRequest, ops: Ops) -> Response:
+    return json_answer(await ops.explain_text(body))
 
 
 @generation.post("/v1/generate", response_model=schemas.GenerateResponse,

@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.banks.registry import BankInfo, MemoryResults
+from service.engines.lm.explain import TextExplanation
 from service.engines.memory import KINDS
 from service.engines.memory.base import MAX_DIM
 from service.serving.scheduler import Usage
@@ -319,6 +320,63 @@ class GenerateResponse(BaseModel):
     finish_reason: str
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
+
+
+MAX_TOP_N = 100
+MAX_INDICES = 1024  # layers or heads a /v1/explain may list
+Indices = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_INDICES)]
+
+
+class ExplainTextRequest(Strict):
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    temperature: float = Field(default=1.0, ge=0, le=100, allow_inf_nan=False, description="0 = greedy")
+    top_k: int = Field(default=0, ge=0, le=1_000_000, description="0 = off")
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
+    top_n: int = Field(default=10, ge=1, le=MAX_TOP_N, description="next-token candidates to list")
+    layers: Indices | None = Field(default=None, description="layer indices whose attention to answer (default all)")
+    heads: Indices | None = Field(default=None, description="head indices whose attention to answer (default all)")
+
+
+class PromptToken(BaseModel):
+    text: str
+    id: int
+
+
+class NextTokenCandidate(BaseModel):
+    token: str
+    token_id: int
+    logit: float
+    probability: float = Field(description="softmax(logits / temperature); temperature 0 counts as 1")
+    kept_by_top_k: bool
+    kept_by_top_p: bool
+
+
+class NextToken(BaseModel):
+    candidates: list[NextTokenCandidate] = Field(description="the top_n most likely, most likely first")
+    distribution: list[float] = Field(description="per candidate, what the sampler draws from: top-k and top-p "
+                                                  "applied, renormalised over every kept token (0 where removed)")
+
+
+class ExplainTextResponse(BaseModel):
+    model: str
+    tokens: list[PromptToken]
+    layers: list[int] = Field(description="the layers `attention` holds, in its order")
+    heads: list[int] = Field(description="the heads `attention` holds, in its order")
+    attention: list[list[list[list[float]]]] = Field(description="[layer][head][query][key] causal softmax weights")
+    next_token: NextToken
+
+    @classmethod
+    def of(cls, model: str, explained: TextExplanation) -> ExplainTextResponse:
+        nxt = explained.next_token
+        return cls.model_construct(
+            model=model, layers=explained.layers, heads=explained.heads,
+            tokens=[PromptToken.model_construct(text=t, id=i) for t, i in zip(explained.tokens, explained.token_ids)],
+            attention=explained.attention.tolist(),
+            next_token=NextToken.model_construct(distribution=nxt.distribution, candidates=[
+                NextTokenCandidate.model_construct(token=t, token_id=i, logit=logit, probability=p, kept_by_top_k=k,
+                                                   kept_by_top_p=q)
+                for t, i, logit, p, k, q in zip(nxt.tokens, nxt.token_ids, nxt.logits, nxt.probabilities,
+                                                 nxt.kept_by_top_k, nxt.kept_by_top_p)]))
 
 
 class StreamOptions(Strict):

@@ -8,6 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from service.banks.registry import BankInfo, DynamicsOptions, Fidelity, MemoryResults
+from service.engines.lm.explain import TextExplanation
 from service.engines.lm.sampling import SamplingParams
 from service.engines.memory import KINDS
 from service.serving.scheduler import Prompt
@@ -79,6 +80,12 @@ class Backend(Protocol):
     async def explain_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """complete_image step by step → (frames (S+1)×H×W, attention energy S+1, Hopfield energy S+1)."""
+        ...
+
+    async def explain_text(self, prompt: str, params: SamplingParams, top_n: int, layers: list[int] | None,
+                           heads: list[int] | None, max_weights: int) -> tuple[str, TextExplanation]:
+        """(served model name, the text model's attention over the prompt and its next-token candidates);
+        TooLarge naming the prompt past `max_weights` attention weights."""
         ...
 
     async def generate(self, prompt: Prompt, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:

@@ -20,6 +20,7 @@ from service.banks.registry import BankInfo, BankRegistry, DynamicsOptions, Fide
 from service.banks.store import open_store
 from service.engines import energy_transformer
 from service.engines.lm import SamplingParams, Tokenizer
+from service.engines.lm.explain import TextExplanation, explain_text
 from service.engines.lm.weights import DEFAULT_MODEL_NAME, default_gguf_path, load_model
 from service.errors import Overloaded, TooManyRequests, Unavailable
 from service.serving.batching import MicroBatcher
@@ -142,6 +143,18 @@ class EmbeddedBackend:
         except Overloaded as exc:
             raise TooManyRequests(str(exc), retry_after=1.0) from exc
         return self._event_stream(handle, events)
+
+    async def explain_text(self, prompt: str, params: SamplingParams, top_n: int, layers: list[int] | None,
+                           heads: list[int] | None, max_weights: int) -> tuple[str, TextExplanation]:
+        if self.scheduler is None:
+            raise Unavailable("no language model is served (started with --model none)")
+        loop = asyncio.get_running_loop()
+        token_ids = await loop.run_in_executor(self._tokenizer_thread, self.scheduler.prompt_ids, prompt)
+        # A forward of its own over the scheduler's weights, which it only reads (no KV cache), in a worker
+        # thread: the generations going on in the scheduler's thread neither wait for it nor see it.
+        explained = await asyncio.to_thread(explain_text, self.scheduler.model, self.tokenizer, token_ids, params,
+                                            top_n, layers, heads, max_weights)
+        return self.lm_name, explained
 
     async def _event_stream(self, handle, events: asyncio.Queue) -> AsyncIterator[dict]:
         finished = False

@@ -42,7 +42,7 @@ from service.banks.writer import BankWriter
 from service.engines.lm.weights import DEFAULT_MODEL_NAME
 from service.engines.memory import make_engine
 from service.engines.memory.shards import Partial
-from service.errors import InvalidArgument, Overloaded, ServiceError, TooManyRequests, Unavailable
+from service.errors import InvalidArgument, NotSupported, Overloaded, ServiceError, TooManyRequests, Unavailable
 from service.serving.batching import MicroBatcher
 from service.triton import associative_memory as memory_wire
 from service.triton import energy_transformer as et_wire
@@ -52,6 +52,7 @@ from service.triton.spec import ASSOCIATIVE_MEMORY, ENERGY_TRANSFORMER, LLM, Mod
 from service.triton.wire import error_from_message
 
 if TYPE_CHECKING:
+    from service.engines.lm.explain import TextExplanation
     from service.engines.lm.sampling import SamplingParams
     from service.serving.scheduler import Prompt
 
@@ -247,6 +248,11 @@ class TritonBackend:
                                    outputs, failover=True)
         frames, attention, hopfield = (answer.as_numpy(name)[0] for name in outputs)
         return frames, attention, hopfield
+
+    async def explain_text(self, prompt: str, params: SamplingParams, top_n: int, layers: list[int] | None,
+                           heads: list[int] | None, max_weights: int) -> tuple[str, TextExplanation]:
+        # The weights live in Triton's llm model, whose decoupled stream answers tokens, not tensors.
+        raise NotSupported("explain runs on the embedded backend: this gateway serves its text model from Triton")
 
     async def generate(self, prompt: Prompt, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
         """The generation's events, from a gRPC stream of its own to the decoupled `llm` model.
