@@ -167,6 +167,7 @@ class KVCache:
             new[:, :have_slots, :, :have_positions] = old
             setattr(self, name, new)
 
+    @torch.inference_mode()  # the tensors `reserve` made during a forward pass are inference tensors
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` (slot compaction)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
