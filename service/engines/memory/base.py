@@ -313,7 +313,7 @@ class MemoryEngine:
                            torch.zeros(batch, dtype=torch.int64, device=self.device),
                            torch.full((batch,), -1, dtype=torch.int64, device=self.device))
         if overlaps is None:
-            overlaps = states @ self.patterns.T
+            overlaps = states.to(self.dtype) @ self.patterns.T
         return self._best_of(overlaps)
 
     def _best_of(self, overlaps: Tensor) -> Nearest:

@@ -41,23 +41,22 @@ class Partial:
     max_logit: Tensor  # B float64 m_s, −inf for an empty shard
     total: Tensor  # B float64 l_s
     weighted: Tensor  # B×D float64 o_s
-    nearest: Nearest  # the shard's most similar pattern per state (row in the shard)
+    nearest: Nearest | None  # the shard's most similar pattern per state (row in the shard), when asked
     count: int  # patterns in the shard
     max_norm: float  # their largest norm (0 for an empty shard)
 
     def rows(self, start: int, stop: int) -> Partial:
         """The partial of states start..stop-1 (views)."""
         part = slice(start, stop)
-        return Partial(self.max_logit[part], self.total[part], self.weighted[part],
-                       Nearest(self.nearest.best[part], self.nearest.shard[part], self.nearest.row[part]),
-                       self.count, self.max_norm)
+        nearest = self.nearest and Nearest(self.nearest.best[part], self.nearest.shard[part], self.nearest.row[part])
+        return Partial(self.max_logit[part], self.total[part], self.weighted[part], nearest, self.count, self.max_norm)
 
 
 @dataclass
 class Merged:
     lse: Tensor  # B float64 log Σ_μ e^{z_μ} over every shard
     mean: Tensor  # B×D float32 ξ′ = Σ_μ softmax(z)_μ ξ_μ
-    nearest: Nearest
+    nearest: Nearest | None  # when the partials carry theirs
     count: int
     max_norm: float
 
@@ -71,13 +70,17 @@ def merge(partials: Sequence[Partial]) -> Merged:
         rescale = torch.exp(p.max_logit - top)  # e^{−∞} = 0 for an empty shard
         total += p.total * rescale
         weighted += p.weighted * rescale[:, None]
+    return Merged(lse=top + total.log(), mean=(weighted / total[:, None]).float(), nearest=merged_nearest(partials),
+                  count=sum(p.count for p in partials), max_norm=max(p.max_norm for p in partials))
+
+
+def merged_nearest(partials: Sequence[Partial]) -> Nearest | None:
+    if any(p.nearest is None for p in partials):
+        return None
     best = torch.stack([p.nearest.best for p in partials])
     shard = best.argmax(dim=0)  # the first shard among equals
     pick = shard[None]
-    nearest = Nearest(best.gather(0, pick)[0], shard,
-                      torch.stack([p.nearest.row for p in partials]).gather(0, pick)[0])
-    return Merged(lse=top + total.log(), mean=(weighted / total[:, None]).float(), nearest=nearest,
-                  count=sum(p.count for p in partials), max_norm=max(p.max_norm for p in partials))
+    return Nearest(best.gather(0, pick)[0], shard, torch.stack([p.nearest.row for p in partials]).gather(0, pick)[0])
 
 
 def empty_partial(batch: int, dim: int, device: torch.device) -> Partial:
@@ -101,7 +104,8 @@ class LogSumExpMemory(MemoryEngine):
         super().__init__(dim, params, device)
         self.beta: float = params["beta"]
         self.shards: int = params.get("shards", 1)
-        self._partials: Partials = lambda states: [self.partial(states)]
+        # Its own patterns: the nearest one is found once, at the final states (MemoryEngine._nearest).
+        self._partials: Partials = lambda states: [self.partial(states, nearest=False)]
 
     @classmethod
     def normalize_params(cls, dim: int, params: dict) -> dict:
@@ -124,8 +128,10 @@ class LogSumExpMemory(MemoryEngine):
         """E (B, float64) at `states` from the merged log-sum-exp."""
         raise NotImplementedError
 
-    def partial(self, states: Tensor) -> Partial:
-        """This engine's patterns' share of an evaluation at B×D `states`."""
+    def partial(self, states: Tensor, nearest: bool = True) -> Partial:
+        """This engine's patterns' share of an evaluation at B×D `states`, with each state's nearest pattern
+        unless `nearest` is false (a fan-out asks for it every time: it cannot tell which evaluation is
+        the last one)."""
         states = states.to(self.device, self.dtype)
         if self.count == 0:
             return empty_partial(states.shape[0], self.dim, self.device)
@@ -134,7 +140,7 @@ class LogSumExpMemory(MemoryEngine):
         top = logits.amax(dim=-1, keepdim=True)
         weights = logits.sub_(top).exp_()
         return Partial(max_logit=top[:, 0].double(), total=weights.sum(dim=-1, dtype=torch.float64),
-                       weighted=(weights @ self.patterns).double(), nearest=self._best_of(overlaps),
+                       weighted=(weights @ self.patterns).double(), nearest=self._best_of(overlaps) if nearest else None,
                        count=self.count, max_norm=self.pattern_norms.max().item())
 
     def _require_patterns(self) -> None:
