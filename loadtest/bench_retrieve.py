@@ -142,8 +142,11 @@ def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: 
                     cell.update(bank=bank, backend=backend, encoding_format=encoding_format)
                     cells.append(cell)
     # The engine alone at each run's batch size, after the servers are gone (they would share the cores).
+    # Triton batches inside itself, out of the gateway's sight: its runs are set beside the engine at the
+    # batch size the embedded server formed for the same bank and encoding.
+    formed = {(c["bank"], c["encoding_format"]): c["mean_batch_rows"] for c in cells if c["mean_batch_rows"]}
     for cell in cells:
-        batch = max(1, round(cell["mean_batch_rows"] or 1))
+        batch = max(1, round(cell["mean_batch_rows"] or formed.get((cell["bank"], cell["encoding_format"]), 1)))
         engine = run_raw(registry, cell["bank"], queries_for(cell["bank"]), batch, seconds)
         cell.update(engine_qps=engine["throughput_qps"], rest_over_engine=cell["rps"] / engine["throughput_qps"])
         print(f"wrk {cell['bank']:6} {cell['backend']:8} {cell['encoding_format']:6} {cell['rps']:8.1f} req/s "
