@@ -68,6 +68,7 @@ bench: setup $(PG_BIN)/initdb /usr/bin/wrk
 	$(BIN)/python loadtest/bench_generate.py
 	$(BIN)/python loadtest/overload.py
 	$(BIN)/python loadtest/bench_replication.py
+	$(BIN)/python loadtest/bench_shards.py
 	$(BIN)/python loadtest/report.py
 
 # Locust in its own process against a local service; fails on the thresholds given in ARGS.
