@@ -159,6 +159,7 @@ def test_serving_state_at_every_version_is_a_replay_of_the_log(location, kind, p
 
 def test_replicas_follow_each_other_through_postgresql(postgres_dsn):
     a, b = BankRegistry(open_store(postgres_dsn)), BankRegistry(open_store(postgres_dsn))
+    b.store.wait_for_changes(0.01)  # b listens before a writes (the follower thread may start late)
     stop = threading.Event()
     follower = threading.Thread(target=b.follow, args=(stop,), kwargs={"poll": 5.0})  # NOTIFY wakes it sooner
     follower.start()
