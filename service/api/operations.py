@@ -28,6 +28,7 @@ from service.engines.memory.base import MAX_DIM
 from service.errors import InvalidArgument, NotFound, TooLarge, TooManyRequests, Unavailable
 from service.serving.scheduler import Chat, Prompt
 
+RETRIEVE_STEPS = metrics.RETRIEVE_STEPS.labels("associative_memory")  # looked up once: labels() costs more than observe()
 OPENAI_FINISH = {"stop": "stop", "length": "length", "deadline": "length", "cancelled": "stop"}
 
 
@@ -290,9 +291,8 @@ class Operations:
             await self._check_explained_states(bank, len(request.queries), request.steps)
         results = await self.backend.run_memory(bank, np.asarray(request.queries, dtype=np.float32), clamp, options,
                                                 min_version)
-        steps = metrics.RETRIEVE_STEPS.labels("associative_memory")
         for count in results.steps.tolist():
-            steps.observe(count)
+            RETRIEVE_STEPS.observe(count)
         return schemas.RetrieveResponse.from_results(results, request.encoding_format)
 
     async def _check_explained_states(self, bank: str, queries: int, steps: int | None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from typing import Annotated
 
@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
 
@@ -94,13 +94,17 @@ bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
 async def caller(request: Request,
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> str | None:
     """The tenant of the request's API key (None on an open service); 401 without a valid key."""
-    return request.app.state.api_keys.tenant(f"Bearer {credentials.credentials}" if credentials else None)
+    return tenant_of(request)
+
+
+def tenant_of(request: Request) -> str | None:
+    return request.app.state.api_keys.tenant(request.headers.get("authorization"))
 
 
 async def metrics_access(request: Request) -> None:
     """A key for /metrics only with --protect-metrics: the document declares no scheme for it."""
     if request.app.state.protect_metrics:
-        request.app.state.api_keys.tenant(request.headers.get("authorization"))
+        tenant_of(request)
 
 
 def json_answer(answer: BaseModel) -> Response:
@@ -113,12 +117,44 @@ Ops = Annotated[Operations, Depends(operations)]
 Caller = Annotated[str | None, Depends(caller)]
 
 
+class MemoryRoute(APIRoute):
+    """A data-plane route (store, retrieve, complete: `endpoint(bank, body, ops, tenant)`) whose arguments
+    come straight from the request: the body parsed by pydantic-core from its JSON bytes in one pass, the
+    tenant and the operations without FastAPI's per-request dependency solving, which costs more than a
+    small bank's whole retrieval. Whatever this path would not take as it is (another content type, a
+    bad bank name, a body that does not validate) goes to FastAPI's own handler, so every error is the
+    one any route answers. The declaration is FastAPI's as usual and writes the OpenAPI document."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        fastapi_handler = super().get_route_handler()
+        [body_param] = self.dependant.body_params
+        parameters = {param.name for param in self.dependant.path_params + self.dependant.body_params}
+        parameters |= {dependency.name for dependency in self.dependant.dependencies}
+        if parameters != {"bank", body_param.name, "ops", "tenant"}:
+            raise TypeError(f"{self.path}: a MemoryRoute endpoint takes (bank, body, ops, tenant), not {parameters}")
+        body_model, body_name, endpoint = body_param.field_info.annotation, body_param.name, self.endpoint
+
+        async def handler(request: Request) -> Response:
+            bank = request.path_params["bank"]
+            media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media_type != "application/json" or not BANK_NAME.fullmatch(bank):
+                return await fastapi_handler(request)
+            tenant = tenant_of(request)  # 401 before the body is looked at, as FastAPI's dependencies do
+            try:
+                body = body_model.model_validate_json(await request.body())
+            except ValidationError:
+                return await fastapi_handler(request)  # the body is kept: FastAPI reads it again
+            return await endpoint(bank=bank, ops=request.app.state.operations, tenant=tenant, **{body_name: body})
+        return handler
+
+
 # ----- routes ---------------------------------------------------------------------------------
 
 # Every route past the probes needs a key (with keys) and is shed under overload.
 GUARDED = answers(401, 503)
 probes = APIRouter(tags=["probes"])
 banks = APIRouter(prefix="/v1/banks", responses=GUARDED)
+memory = APIRouter(prefix="/v1/banks", responses=GUARDED, route_class=MemoryRoute)
 models = APIRouter(tags=["models"], responses=GUARDED)
 generation = APIRouter(tags=["generate"], responses=GUARDED)
 
@@ -143,6 +179,26 @@ async def ready(ops: Ops) -> JSONResponse:
             description="Prometheus text format; 401 only with --protect-metrics.")
 async def prometheus() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@memory.post("/{bank}/store", response_model=schemas.StoreResponse, tags=["memory"], responses={
+    **answers(*WITH_BODY, 404, 409),
+    200: {"links": links("retrieve", "complete", bank="$request.path.bank")
+          | links("delete_pattern", bank="$request.path.bank", pattern_id="$response.body#/ids/0")}})
+async def store(bank: BankPath, body: schemas.StoreRequest, ops: Ops, tenant: Caller) -> Response:
+    return json_answer(await ops.store(tenant, bank, body))
+
+
+@memory.post("/{bank}/retrieve", response_model=schemas.RetrieveResponse, tags=["memory"],
+             responses=answers(*WITH_BODY, 404, 409))
+async def retrieve(bank: BankPath, body: schemas.RetrieveRequest, ops: Ops, tenant: Caller) -> Response:
+    return json_answer(await ops.retrieve(tenant, bank, body))
+
+
+@memory.post("/{bank}/complete", response_model=schemas.RetrieveResponse, tags=["memory"],
+             responses=answers(*WITH_BODY, 404, 409))
+async def complete(bank: BankPath, body: schemas.CompleteRequest, ops: Ops, tenant: Caller) -> Response:
+    return json_answer(await ops.complete(tenant, bank, body))
 
 
 @banks.put("/{bank}", status_code=201, response_model=BankInfo, tags=["banks"], responses={
@@ -178,31 +234,11 @@ async def delete_bank(bank: BankPath, ops: Ops, tenant: Caller) -> Response:
     return Response(status_code=204)
 
 
-@banks.post("/{bank}/store", response_model=schemas.StoreResponse, tags=["memory"], responses={
-    **answers(*WITH_BODY, 404, 409),
-    200: {"links": links("retrieve", "complete", bank="$request.path.bank")
-          | links("delete_pattern", bank="$request.path.bank", pattern_id="$response.body#/ids/0")}})
-async def store(bank: BankPath, body: schemas.StoreRequest, ops: Ops, tenant: Caller):
-    return await ops.store(tenant, bank, body)
-
-
 @banks.delete("/{bank}/patterns/{pattern_id}", status_code=204, tags=["memory"], responses=answers(404, 422))
 async def delete_pattern(bank: BankPath, pattern_id: str, ops: Ops, tenant: Caller) -> Response:
     """204; the bank's version after the deletion comes in the Amserve-Bank-Version header."""
     deleted = await ops.delete_pattern(tenant, bank, pattern_id)
     return Response(status_code=204, headers={VERSION_HEADER: str(deleted.version)})
-
-
-@banks.post("/{bank}/retrieve", response_model=schemas.RetrieveResponse, tags=["memory"],
-            responses=answers(*WITH_BODY, 404, 409))
-async def retrieve(bank: BankPath, body: schemas.RetrieveRequest, ops: Ops, tenant: Caller) -> Response:
-    return json_answer(await ops.retrieve(tenant, bank, body))
-
-
-@banks.post("/{bank}/complete", response_model=schemas.RetrieveResponse, tags=["memory"],
-            responses=answers(*WITH_BODY, 404, 409))
-async def complete(bank: BankPath, body: schemas.CompleteRequest, ops: Ops, tenant: Caller) -> Response:
-    return json_answer(await ops.complete(tenant, bank, body))
 
 
 @models.post("/v1/complete", dependencies=[Depends(caller)], response_model=schemas.CompleteImageResponse,
@@ -340,7 +376,8 @@ def create_app(ops: Operations, *, max_body_bytes: int = 64 * 1024 * 1024, api_k
     app.state.operations = ops
     app.state.api_keys = api_keys
     app.state.protect_metrics = protect_metrics
-    for router in (probes, banks, models, generation, docs.pages):
+    # The hot routes first: a request is matched against the routes in order.
+    for router in (memory, banks, probes, models, generation, docs.pages):
         app.include_router(router)
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs_assets")
     app.add_exception_handler(errors.ServiceError, service_error)

@@ -47,6 +47,9 @@ class MicroBatcher:
         self.max_queue_delay = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
         self._model = model
+        # This model's series, looked up once: a labels() call costs more than the observation.
+        self._queue_depth, self._queue_wait = metrics.QUEUE_DEPTH.labels(model), metrics.QUEUE_WAIT.labels(model)
+        self._batch_size, self._batch_rows = metrics.BATCH_SIZE.labels(model), metrics.BATCH_ROWS.labels(model)
         self._queues: OrderedDict[Hashable, deque[_Pending]] = OrderedDict()
         self._waiting = 0
         self._wakeup = asyncio.Event()
@@ -67,7 +70,7 @@ class MicroBatcher:
         pending = _Pending(item, rows, asyncio.get_running_loop().create_future())
         self._queues.setdefault(key, deque()).append(pending)
         self._waiting += 1
-        metrics.QUEUE_DEPTH.labels(self._model).set(self._waiting)
+        self._queue_depth.set(self._waiting)
         self._wakeup.set()
         return await pending.future
 
@@ -101,15 +104,15 @@ class MicroBatcher:
             self._queues.move_to_end(key)
         else:
             del self._queues[key]
-        metrics.QUEUE_DEPTH.labels(self._model).set(self._waiting)
+        self._queue_depth.set(self._waiting)
         return batch
 
     async def _run(self, key: Hashable, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         for pending in batch:
-            metrics.QUEUE_WAIT.labels(self._model).observe(started - pending.enqueued)
-        metrics.BATCH_SIZE.labels(self._model).observe(len(batch))
-        metrics.BATCH_ROWS.labels(self._model).observe(sum(p.rows for p in batch))
+            self._queue_wait.observe(started - pending.enqueued)
+        self._batch_size.observe(len(batch))
+        self._batch_rows.observe(sum(p.rows for p in batch))
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self._executor, self._run_batch, key, [p.item for p in batch])

@@ -227,3 +227,42 @@ def test_a_sharded_bank_answers_as_the_unsharded_bank_with_the_same_patterns(cli
         np.testing.assert_allclose(got["trace"], expected["trace"], rtol=1e-5, atol=1e-5)
     error(client.put(f"/v1/banks/{bank_name}-x", json={"kind": "classical", "dim": 4, "params": {"shards": 2}}),
           422, "params.shards")
+
+
+MEMORY_BODIES = [  # what store, retrieve and complete might be sent: good, invalid, malformed
+    ("store", b'{"patterns": [[1, 0, 0, 0], [0, 1, 0, 0]], "ids": ["a", "b"]}'),
+    ("store", b'{"patterns": [[1, 0, 0]]}'),
+    ("store", b'{"patterns": [[1.0, NaN, 0, 0]]}'),
+    ("store", b'{"patterns": [[1, 0, 0, 0]], "ids": ["a", "a"]}'),
+    ("retrieve", b'{"queries": [[0.9, 0.1, 0, 0]], "steps": 2, "trace": true}'),
+    ("retrieve", b'{"queries": [[0.9, 0.1, 0, 0]], "encoding_format": "base64"}'),
+    ("retrieve", b'{"queries": ["AACAPwAAAAAAAAAAAAAAAA=="], "encoding_format": "base64"}'),
+    ("retrieve", b'{"queries": [[1, 2, 3, 4]], "steps": "3"}'),
+    ("retrieve", b'{"queries": [[1, 2, 3, 4]], "extra": 1}'),
+    ("retrieve", b'{"queries": [[1, 2, 3, 4]]'),
+    ("retrieve", b''),
+    ("retrieve", b'[]'),
+    ("complete", b'{"queries": [[1, 0, 0, 0]], "mask": [[true, false, false, false]], "explain": true}'),
+    ("complete", b'{"queries": [[1, 0, 0, 0]], "mask": [[true, false]]}'),
+]
+
+
+@pytest.mark.parametrize(("operation", "body"), MEMORY_BODIES)
+def test_memory_routes_answer_as_fastapi_does(client, bank_name, operation, body):
+    """The memory routes parse a JSON body themselves (service.api.rest.MemoryRoute); a `+json` media
+    type goes through FastAPI's own handler instead: both answer the same, errors included."""
+    create(client, bank_name, "modern", 4)
+    client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0, 0, 0], [0, 0, 1, 0]], "ids": ["p", "q"]})
+    answers = [client.post(f"/v1/banks/{bank_name}/{operation}", content=body, headers={"content-type": media_type})
+               for media_type in ("application/json", "application/json; charset=utf-8", "application/vnd.amserve+json")]
+    assert answers[0].status_code < 500
+    for answer in answers[1:]:
+        assert (answer.status_code, answer.json()) == (answers[0].status_code, answers[0].json())
+
+
+def test_memory_routes_refuse_other_media_types_and_bad_names(client, bank_name):
+    create(client, bank_name, "modern", 2)
+    error(client.post(f"/v1/banks/{bank_name}/store", content=b'{"patterns": [[1, 0]]}',
+                      headers={"content-type": "text/plain"}), 422, "body")
+    error(client.post("/v1/banks/bad%20name/retrieve", json={"queries": [[1, 0]]}), 422, "bank")
+    assert client.get(f"/v1/banks/{bank_name}").json()["count"] == 0
