@@ -36,12 +36,14 @@ def _bank_info(info: BankInfo) -> pb.BankInfo:
                        shards=[pb.ShardInfo(**shard.model_dump()) for shard in info.shards])
 
 
+def _present(request, *names: str) -> dict:
+    """The optional fields the message sets: proto3 `optional` tells unset from zero, as JSON's absence does."""
+    return {name: getattr(request, name) for name in names if request.HasField(name)}
+
+
 def _dynamics(request) -> dict:
-    fields = {"queries": [list(v.values) for v in request.queries], "trace": request.trace}
-    for name in ("steps", "step_size", "tolerance", "min_version"):
-        if request.HasField(name):
-            fields[name] = getattr(request, name)
-    return fields
+    return {"queries": [list(v.values) for v in request.queries], "trace": request.trace,
+            **_present(request, "steps", "step_size", "tolerance", "min_version")}
 
 
 def _results(response: schemas.RetrieveResponse) -> pb.RetrieveResponse:
@@ -145,7 +147,7 @@ class AmserveServicer(pb_grpc.AmserveServicer):
                 "model": request.model or "energy-transformer",
                 "image": [list(row.values) for row in request.image],
                 "mask": [list(row.values) for row in request.mask],
-                **({"steps": request.steps} if request.HasField("steps") else {})})
+                **_present(request, "steps")})
             done = await self.ops.complete_image(body)
             return pb.CompleteImageResponse(model=done.model, image=[pb.Vector(values=row) for row in done.image],
                                             energy_trace=done.energy_trace)
@@ -161,10 +163,8 @@ class AmserveServicer(pb_grpc.AmserveServicer):
 
     async def Generate(self, request, context):
         """Server-streaming: a validation or queue error aborts before the first chunk."""
-        fields = {"prompt": request.prompt, "stop": list(request.stop) or None}
-        for name in ("max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs", "timeout"):
-            if request.HasField(name):
-                fields[name] = getattr(request, name)
+        fields = {"prompt": request.prompt, "stop": list(request.stop) or None,
+                  **_present(request, "max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs", "timeout")}
         events = await self._call("Generate", context, lambda tenant: self.ops.start_generation(
             tenant, schemas.GenerateRequest.model_validate(fields)))
         async with contextlib.aclosing(events):
@@ -176,10 +176,8 @@ class AmserveServicer(pb_grpc.AmserveServicer):
         """Server-streaming, as /v1/chat/completions with stream=true and the usage asked for."""
         fields = {"model": request.model, "stop": list(request.stop) or None, "logprobs": request.logprobs,
                   "ignore_eos": request.ignore_eos, "stream": True, "stream_options": {"include_usage": True},
-                  "messages": [{"role": m.role, "content": m.content} for m in request.messages]}
-        for name in ("max_tokens", "temperature", "top_p", "seed", "top_logprobs", "n", "min_tokens"):
-            if request.HasField(name):
-                fields[name] = getattr(request, name)
+                  "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+                  **_present(request, "max_tokens", "temperature", "top_p", "seed", "top_logprobs", "n", "min_tokens")}
         chunks = await self._call("Chat", context, lambda tenant: self.ops.stream_chat_completions(
             tenant, schemas.ChatCompletionsRequest.model_validate(fields)))
         async with contextlib.aclosing(chunks):
