@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
 
 from service import __version__, errors, metrics
-from service.api import docs, schemas
+from service.api import docs, explorer, schemas
 from service.api.auth import ApiKeys
 from service.api.errors import MalformedBody, MethodNotAllowed, from_validation
 from service.api.middleware import AdmissionLimit, BodyLimit, Measured, error_response
@@ -377,9 +377,10 @@ def create_app(ops: Operations, *, max_body_bytes: int = 64 * 1024 * 1024, api_k
     app.state.api_keys = api_keys
     app.state.protect_metrics = protect_metrics
     # The hot routes first: a request is matched against the routes in order.
-    for router in (memory, banks, probes, models, generation, docs.pages):
+    for router in (memory, banks, probes, models, generation, docs.pages, explorer.pages):
         app.include_router(router)
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs_assets")
+    app.mount(explorer.URL, explorer.files(), name="explorer")  # the page at /explorer/
     app.add_exception_handler(errors.ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
