@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -107,6 +108,9 @@ def _delegate(module: str, path: list[str], commands, help: str, argv: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Before torch loads OpenMP: its workers would spin after every parallel region, on the cores the
+    # event loop (and Triton's model processes, which inherit this) need between engine calls.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(prog="amserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"amserve {__version__}")
     parser.add_argument("--log-level", default="WARNING")
