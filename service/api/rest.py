@@ -252,7 +252,7 @@ async def list_models(ops: Ops):
     return await ops.models()
 
 
-@generation.post("/v1/explain", dependencies=[Depends(caller)], response_model=schemas.ExplainTextResponse, responses=answers(*WITH_BODY, 501),
+@generation.post("/v1/explain", dependencies=[Depends(caller)], response_model=schemas.ExplainTextResponse, responses=answers(*WITH_BODY),
                  description="The text model explained by its own forward pass: the prompt's tokens, the causal "
                              "softmax attention [layer][head][query][key] of the layers and heads asked for, and the "
                              "next-token candidates with what temperature, top-k and top-p make of them; 413 past "

@@ -18,6 +18,7 @@ asked for, or full is skipped for the next, so a client sees an error only when 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -42,7 +43,7 @@ from service.banks.writer import BankWriter
 from service.engines.lm.weights import DEFAULT_MODEL_NAME
 from service.engines.memory import make_engine
 from service.engines.memory.shards import Partial
-from service.errors import InvalidArgument, NotSupported, Overloaded, ServiceError, TooManyRequests, Unavailable
+from service.errors import InvalidArgument, Overloaded, ServiceError, TooManyRequests, Unavailable
 from service.serving.batching import MicroBatcher
 from service.triton import associative_memory as memory_wire
 from service.triton import energy_transformer as et_wire
@@ -251,8 +252,12 @@ class TritonBackend:
 
     async def explain_text(self, prompt: str, params: SamplingParams, top_n: int, layers: list[int] | None,
                            heads: list[int] | None, max_weights: int) -> tuple[str, TextExplanation]:
-        # The weights live in Triton's llm model, whose decoupled stream answers tokens, not tensors.
-        raise NotSupported("explain runs on the embedded backend: this gateway serves its text model from Triton")
+        """The llm model's own forward pass, asked over its stream: one final explanation event."""
+        request = {"model_name": LLM.name, "outputs": [InferRequestedOutput("TOKEN")], "inputs": _inputs(
+            LLM, llm_wire.explain_arrays(prompt, params, top_n, layers, heads, max_weights))}
+        async with contextlib.aclosing(self._events(self._in_turn()[0].client, request)) as events:
+            event = await anext(events)
+        return llm_wire.decode_explanation(event)
 
     async def generate(self, prompt: Prompt, params: SamplingParams, deadline: float | None) -> AsyncIterator[dict]:
         """The generation's events, from a gRPC stream of its own to the decoupled `llm` model.
@@ -290,7 +295,7 @@ class TritonBackend:
                     finished = True
                     raise generation_error(service_error(error, LLM.name))
                 event = llm_wire.decode_event(result.as_numpy("TOKEN"))
-                finished = event["type"] == "finish"
+                finished = event["type"] in ("finish", "explanation")
                 if state == "waiting" and not finished:
                     self._generations["waiting"] -= 1
                     self._generations["running"] += 1

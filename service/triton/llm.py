@@ -10,10 +10,15 @@ the batch dimension (each request is one batch item):
                          seed, stop, logprobs, echo, min_tokens, ignore_eos; all optional), timeout
                          (seconds, optional) and prompt_kind ("text", the default, "token_ids", "chat")
 
+With an "explain" object in PARAMS ({"top_n", "layers", "heads", "max_weights"}, beside the sampling
+fields temperature, top_k and top_p) the request is no generation: the model's own forward pass over
+the prompt answers one final {"type": "explanation", ...} event, a TextExplanation as JSON (attention
+[layer][head][query][key]), off the scheduler's thread.
+
 Output TOKEN BYTES [1]: one JSON event per response, the dicts the embedded backend yields — with
 echo first {"type": "prompt", "token_ids", "tokens", "text", "logprobs"}, {"type": "token", "token_id", "text",
 "logprobs"} per token, then {"type": "finish", "finish_reason",
-"text", "usage", "error"}, sent with TRITONSERVER_RESPONSE_COMPLETE_FINAL. A request refused at
+"text", "usage", "error"} (or the one explanation event), sent with TRITONSERVER_RESPONSE_COMPLETE_FINAL. A request refused at
 submission (bad parameters, a prompt longer than the context, a full waiting queue) gets one final
 error response instead, with the JSON error of service/triton/wire.py.
 
@@ -31,13 +36,16 @@ import math
 import os
 import threading
 import time
-from dataclasses import asdict, fields
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from service.engines.lm import SamplingParams
+from service.engines.lm.explain import NextTokenExplanation, TextExplanation, explain_text
 from service.engines.lm.weights import DEFAULT_MODEL_NAME
 from service.errors import InvalidArgument
 from service.serving.scheduler import (Chat, Event, FinishEvent, GenerationRequest, Prompt, RequestHandle, Scheduler,
@@ -45,6 +53,7 @@ from service.serving.scheduler import (Chat, Event, FinishEvent, GenerationReque
 from service.triton.wire import text_tensor, text_value
 
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+EXPLAIN_SAMPLING_FIELDS = ("temperature", "top_k", "top_p")  # what the next-token candidates depend on
 
 
 class Stream(Protocol):
@@ -62,21 +71,54 @@ class Stream(Protocol):
 # ----- requests and events ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ExplanationRequest:
+    prompt: Prompt
+    params: SamplingParams
+    options: dict  # explain_text's top_n, layers, heads and max_weights
+
+
+def parse_inputs(prompt: np.ndarray | None, params: np.ndarray | None) -> GenerationRequest | ExplanationRequest:
+    """A generation, or an explanation with "explain" in PARAMS; InvalidArgument naming the field otherwise."""
+    values = params_object(params)
+    if "explain" not in values:
+        return generation_request(prompt_text(prompt), values)
+    options = values.pop("explain")
+    if not isinstance(options, dict) or set(options) != {"top_n", "layers", "heads", "max_weights"}:
+        raise InvalidArgument('explain must be an object of "top_n", "layers", "heads" and "max_weights"',
+                              field="explain")
+    kind = values.pop("prompt_kind", "text")
+    unknown = sorted(set(values) - set(EXPLAIN_SAMPLING_FIELDS))
+    if unknown:
+        raise InvalidArgument(f"unknown explanation parameter {unknown[0]!r}", field=unknown[0])
+    return ExplanationRequest(prompt_of(kind, prompt_text(prompt)), SamplingParams(**values), options)
+
+
 def parse_request(prompt: np.ndarray | None, params: np.ndarray | None) -> GenerationRequest:
     """The scheduler's request from the two inputs; InvalidArgument naming the field otherwise."""
+    return generation_request(prompt_text(prompt), params_object(params))
+
+
+def prompt_text(prompt: np.ndarray | None) -> str:
     if prompt is None:
         raise InvalidArgument("prompt is required", field="prompt")
     text = prompt.reshape(-1)[0] if prompt.size == 1 else None
     if not isinstance(text, (bytes, str)):
         raise InvalidArgument("prompt must be one string", field="prompt")
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "surrogatepass")
+    return text.decode("utf-8", "surrogatepass") if isinstance(text, bytes) else text
+
+
+def params_object(params: np.ndarray | None) -> dict:
     try:
         values = json.loads(text_value(params)) if params is not None else {}
     except ValueError:
         values = None
     if not isinstance(values, dict):
         raise InvalidArgument("PARAMS must be a JSON object", field="params")
+    return values
+
+
+def generation_request(text: str, values: dict) -> GenerationRequest:
     timeout = values.pop("timeout", None)
     kind = values.pop("prompt_kind", "text")
     unknown = sorted(set(values) - set(SAMPLING_FIELDS))
@@ -131,6 +173,9 @@ class TextGeneration:
         self._closing = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="llm-cancellations", daemon=True)
         self._watcher.start()
+        # Explanations read the scheduler's weights (no KV cache) in a thread of their own, as the
+        # embedded backend's do: generations neither wait for them nor see them.
+        self._explainer = ThreadPoolExecutor(1, thread_name_prefix="llm-explain")
 
     @classmethod
     def load(cls, directory: str | Path, device: str, parameters: dict[str, str]) -> TextGeneration:
@@ -152,7 +197,10 @@ class TextGeneration:
         the stream's one (error) response."""
         generation = _Generation(stream)
         try:
-            request = parse_request(inputs.get("PROMPT"), inputs.get("PARAMS"))
+            request = parse_inputs(inputs.get("PROMPT"), inputs.get("PARAMS"))
+            if isinstance(request, ExplanationRequest):
+                self._explainer.submit(self._explain, request, stream)
+                return
             handle = self.scheduler.submit(request, lambda event: self._on_event(generation, event))
         except Exception as exc:  # every refusal, bugs included, is this request's answer alone
             stream.fail(exc)
@@ -164,6 +212,16 @@ class TextGeneration:
             cancelled = generation.cancelled  # noticed by the scheduler's thread before submit returned
         if cancelled:
             self.scheduler.cancel(handle)
+
+    def _explain(self, request: ExplanationRequest, stream: Stream) -> None:
+        try:
+            token_ids = self.scheduler.prompt_ids(request.prompt)
+            explained = explain_text(self.scheduler.model, self.scheduler.tokenizer, token_ids, request.params,
+                                     **request.options)
+        except Exception as exc:  # noqa: BLE001 - the request's one answer
+            stream.fail(exc)
+            return
+        stream.send(explanation_event(self.name, explained), final=True)
 
     def _on_event(self, generation: _Generation, event: Event) -> None:
         with self._lock:
@@ -199,6 +257,7 @@ class TextGeneration:
         """Stop the scheduler; unfinished generations end with finish_reason "cancelled"."""
         self._closing.set()
         self._watcher.join()
+        self._explainer.shutdown(cancel_futures=True)
         self.scheduler.close()
 
 
@@ -216,6 +275,27 @@ def request_arrays(prompt: Prompt, params: SamplingParams, timeout: float | None
     elif not isinstance(prompt, str):
         values["prompt_kind"], prompt = "token_ids", json.dumps(list(prompt))
     return {"PROMPT": text_tensor(prompt), "PARAMS": text_tensor(json.dumps(values))}
+
+
+def explain_arrays(prompt: str, params: SamplingParams, top_n: int, layers: list[int] | None,
+                   heads: list[int] | None, max_weights: int) -> dict[str, np.ndarray]:
+    """The inputs of one explanation request, batch dimension included."""
+    values = {name: getattr(params, name) for name in EXPLAIN_SAMPLING_FIELDS}
+    values["explain"] = {"top_n": top_n, "layers": layers, "heads": heads, "max_weights": max_weights}
+    return {"PROMPT": text_tensor(prompt), "PARAMS": text_tensor(json.dumps(values))}
+
+
+def explanation_event(model: str, explained: TextExplanation) -> dict:
+    return {"type": "explanation", "model": model, "token_ids": explained.token_ids, "tokens": explained.tokens,
+            "layers": explained.layers, "heads": explained.heads, "attention": explained.attention.tolist(),
+            "next_token": asdict(explained.next_token)}
+
+
+def decode_explanation(event: dict) -> tuple[str, TextExplanation]:
+    """The served model's name and its explanation."""
+    return event["model"], TextExplanation(token_ids=event["token_ids"], tokens=event["tokens"], layers=event["layers"],
+                           heads=event["heads"], attention=torch.tensor(event["attention"], dtype=torch.float32),
+                           next_token=NextTokenExplanation(**event["next_token"]))
 
 
 def decode_event(token: np.ndarray) -> dict:
