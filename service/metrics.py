@@ -51,7 +51,8 @@ MODEL_OF_ROUTE = {
     "/v1/complete": "energy_transformer", "CompleteImage": "energy_transformer",
     "/v1/generate": "llm", "/v1/completions": "llm", "/v1/chat/completions": "llm", "Generate": "llm", "Chat": "llm",
 }
-MEMORY_RPCS = {"CreateBank", "ListBanks", "GetBank", "DeleteBank", "Store", "DeletePattern", "Retrieve", "Complete"}
+MEMORY_RPCS = {"CreateBank", "ListBanks", "GetBank", "DeleteBank", "Store", "DeletePattern", "Retrieve", "Complete",
+               "BankFidelity"}
 
 
 def model_of(route: str) -> str:

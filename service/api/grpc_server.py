@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
+import numpy as np
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -19,7 +20,7 @@ from service.api.errors import grpc_code, validation_error
 from service.api.operations import Operations
 from service.api.pb import amserve_pb2 as pb
 from service.api.pb import amserve_pb2_grpc as pb_grpc
-from service.banks.registry import BankInfo
+from service.banks.registry import BankInfo, Fidelity
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Amserve"].full_name
 
@@ -41,17 +42,48 @@ def _present(request, *names: str) -> dict:
     return {name: getattr(request, name) for name in names if request.HasField(name)}
 
 
+def _listed(request, *names: str) -> dict:
+    """The repeated fields the message fills: an empty one stands for JSON's absence (the default)."""
+    return {name: list(getattr(request, name)) for name in names if len(getattr(request, name))}
+
+
 def _dynamics(request) -> dict:
     return {"queries": [list(v.values) for v in request.queries], "trace": request.trace,
-            **_present(request, "steps", "step_size", "tolerance", "min_version")}
+            "explain": request.explain, **_present(request, "steps", "step_size", "tolerance", "min_version")}
 
 
 def _results(response: schemas.RetrieveResponse) -> pb.RetrieveResponse:
     return pb.RetrieveResponse(results=[
         pb.MemoryResult(
             state=r.state, energy=r.energy, steps=r.steps, converged=r.converged, trace=r.trace or [],
-            nearest=pb.Nearest(id=r.nearest.id, similarity=r.nearest.similarity) if r.nearest else None)
+            nearest=pb.Nearest(id=r.nearest.id, similarity=r.nearest.similarity) if r.nearest else None,
+            explanation=[pb.ExplainedStep(state=step.state, energy=step.energy, top_memories=[
+                pb.TopMemory(id=m.id, weight=m.weight) for m in step.top_memories]) for step in r.explanation or ()])
         for r in response.results])
+
+
+def _image(rows: list[list[float]]) -> list[pb.Vector]:
+    return [pb.Vector(values=row) for row in rows]
+
+
+def _text_explanation(explained: schemas.ExplainTextResponse) -> pb.ExplainResponse:
+    """REST's nested [layer][head][query][key] attention as one row-major float32 array and its shape."""
+    shape = (len(explained.layers), len(explained.heads), len(explained.tokens), len(explained.tokens))
+    attention = np.asarray(explained.attention, dtype=np.float32).reshape(shape)
+    nxt = explained.next_token
+    return pb.ExplainResponse(
+        model=explained.model, tokens=[pb.PromptToken(text=t.text, id=t.id) for t in explained.tokens],
+        layers=explained.layers, heads=explained.heads, attention=attention.ravel().tolist(), attention_shape=shape,
+        next_token=pb.NextToken(distribution=nxt.distribution, candidates=[
+            pb.NextTokenCandidate(token=c.token, token_id=c.token_id, logit=c.logit, probability=c.probability,
+                                  kept_by_top_k=c.kept_by_top_k, kept_by_top_p=c.kept_by_top_p)
+            for c in nxt.candidates]))
+
+
+def _fidelity(report: Fidelity) -> pb.Fidelity:
+    return pb.Fidelity(version=report.version, sample_size=report.sample_size, noise=report.noise,
+                       patterns=pb.Agreement(**report.patterns.model_dump()),
+                       noisy=pb.Agreement(**report.noisy.model_dump()), same_nearest=report.same_nearest)
 
 
 class AmserveServicer(pb_grpc.AmserveServicer):
@@ -107,6 +139,12 @@ class AmserveServicer(pb_grpc.AmserveServicer):
             return _bank_info(await self.ops.get_bank(tenant, request.bank))
         return await self._call("GetBank", context, handler)
 
+    async def BankFidelity(self, request, context):
+        async def handler(tenant):
+            options = schemas.FidelityRequest.model_validate(_present(request, "sample_size", "noise"))
+            return _fidelity(await self.ops.fidelity(tenant, request.bank, options.sample_size, options.noise))
+        return await self._call("BankFidelity", context, handler)
+
     async def DeleteBank(self, request, context):
         async def handler(tenant):
             await self.ops.delete_bank(tenant, request.bank)
@@ -140,17 +178,19 @@ class AmserveServicer(pb_grpc.AmserveServicer):
             return _results(await self.ops.complete(tenant, request.bank, body))
         return await self._call("Complete", context, handler)
 
-
     async def CompleteImage(self, request, context):
         async def handler(_tenant):
             body = schemas.CompleteImageRequest.model_validate({
                 "model": request.model or "energy-transformer",
                 "image": [list(row.values) for row in request.image],
-                "mask": [list(row.values) for row in request.mask],
+                "mask": [list(row.values) for row in request.mask], "explain": request.explain,
                 **_present(request, "steps")})
             done = await self.ops.complete_image(body)
-            return pb.CompleteImageResponse(model=done.model, image=[pb.Vector(values=row) for row in done.image],
-                                            energy_trace=done.energy_trace)
+            return pb.CompleteImageResponse(model=done.model, image=_image(done.image), energy_trace=done.energy_trace,
+                                            frames=[pb.ImageFrame(image=_image(f.image), energy=f.energy,
+                                                                  attention_energy=f.attention_energy,
+                                                                  hopfield_energy=f.hopfield_energy)
+                                                    for f in done.frames or ()])
         return await self._call("CompleteImage", context, handler)
 
     async def ListModels(self, request, context):
@@ -160,6 +200,13 @@ class AmserveServicer(pb_grpc.AmserveServicer):
                 pb.ModelCard(id=m.id, task=m.task, ready=m.ready, details=_struct(m.details)) for m in listing.data])
         return await self._call("ListModels", context, handler)
 
+    async def Explain(self, request, context):
+        async def handler(_tenant):
+            body = schemas.ExplainTextRequest.model_validate({
+                "prompt": request.prompt, **_present(request, "temperature", "top_k", "top_p", "top_n"),
+                **_listed(request, "layers", "heads")})
+            return _text_explanation(await self.ops.explain_text(body))
+        return await self._call("Explain", context, handler)
 
     async def Generate(self, request, context):
         """Server-streaming: a validation or queue error aborts before the first chunk."""

@@ -128,6 +128,16 @@ class BankList(BaseModel):
     banks: list[BankInfo]
 
 
+MAX_FIDELITY_SAMPLE = 1024  # patterns a fidelity report samples: each costs a DrDAM and an exact retrieval
+
+
+class FidelityRequest(Strict):
+    """The options of a drdam bank's fidelity report over gRPC: the bounds of REST's query parameters."""
+
+    sample_size: int = Field(default=64, ge=1, le=MAX_FIDELITY_SAMPLE)
+    noise: float = Field(default=0.1, ge=0, le=2, allow_inf_nan=False)
+
+
 class StoreRequest(Strict):
     encoding_format: EncodingFormat = "float"  # before the vectors: their validator reads it
     patterns: Vectors

@@ -124,7 +124,7 @@ class DeletePatternResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("bank", "queries", "steps", "step_size", "tolerance", "trace", "min_version")
+    __slots__ = ("bank", "queries", "steps", "step_size", "tolerance", "trace", "min_version", "explain")
     BANK_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class RetrieveRequest(_message.Message):
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     bank: str
     queries: _containers.RepeatedCompositeFieldContainer[Vector]
     steps: int
@@ -139,10 +140,11 @@ class RetrieveRequest(_message.Message):
     tolerance: float
     trace: bool
     min_version: int
-    def __init__(self, bank: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., steps: _Optional[int] = ..., step_size: _Optional[float] = ..., tolerance: _Optional[float] = ..., trace: _Optional[bool] = ..., min_version: _Optional[int] = ...) -> None: ...
+    explain: bool
+    def __init__(self, bank: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., steps: _Optional[int] = ..., step_size: _Optional[float] = ..., tolerance: _Optional[float] = ..., trace: _Optional[bool] = ..., min_version: _Optional[int] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
-    __slots__ = ("bank", "queries", "steps", "step_size", "tolerance", "trace", "mask", "min_version")
+    __slots__ = ("bank", "queries", "steps", "step_size", "tolerance", "trace", "mask", "min_version", "explain")
     BANK_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +153,7 @@ class CompleteRequest(_message.Message):
     TRACE_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     bank: str
     queries: _containers.RepeatedCompositeFieldContainer[Vector]
     steps: int
@@ -159,7 +162,8 @@ class CompleteRequest(_message.Message):
     trace: bool
     mask: _containers.RepeatedCompositeFieldContainer[Mask]
     min_version: int
-    def __init__(self, bank: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., steps: _Optional[int] = ..., step_size: _Optional[float] = ..., tolerance: _Optional[float] = ..., trace: _Optional[bool] = ..., mask: _Optional[_Iterable[_Union[Mask, _Mapping]]] = ..., min_version: _Optional[int] = ...) -> None: ...
+    explain: bool
+    def __init__(self, bank: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., steps: _Optional[int] = ..., step_size: _Optional[float] = ..., tolerance: _Optional[float] = ..., trace: _Optional[bool] = ..., mask: _Optional[_Iterable[_Union[Mask, _Mapping]]] = ..., min_version: _Optional[int] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class Nearest(_message.Message):
     __slots__ = ("id", "similarity")
@@ -170,20 +174,40 @@ class Nearest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class MemoryResult(_message.Message):
-    __slots__ = ("state", "energy", "steps", "converged", "nearest", "trace")
+    __slots__ = ("state", "energy", "steps", "converged", "nearest", "trace", "explanation")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ENERGY_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     CONVERGED_FIELD_NUMBER: _ClassVar[int]
     NEAREST_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     state: _containers.RepeatedScalarFieldContainer[float]
     energy: float
     steps: int
     converged: bool
     nearest: Nearest
     trace: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, state: _Optional[_Iterable[float]] = ..., energy: _Optional[float] = ..., steps: _Optional[int] = ..., converged: _Optional[bool] = ..., nearest: _Optional[_Union[Nearest, _Mapping]] = ..., trace: _Optional[_Iterable[float]] = ...) -> None: ...
+    explanation: _containers.RepeatedCompositeFieldContainer[ExplainedStep]
+    def __init__(self, state: _Optional[_Iterable[float]] = ..., energy: _Optional[float] = ..., steps: _Optional[int] = ..., converged: _Optional[bool] = ..., nearest: _Optional[_Union[Nearest, _Mapping]] = ..., trace: _Optional[_Iterable[float]] = ..., explanation: _Optional[_Iterable[_Union[ExplainedStep, _Mapping]]] = ...) -> None: ...
+
+class TopMemory(_message.Message):
+    __slots__ = ("id", "weight")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    weight: float
+    def __init__(self, id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class ExplainedStep(_message.Message):
+    __slots__ = ("state", "energy", "top_memories")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_FIELD_NUMBER: _ClassVar[int]
+    TOP_MEMORIES_FIELD_NUMBER: _ClassVar[int]
+    state: _containers.RepeatedScalarFieldContainer[float]
+    energy: float
+    top_memories: _containers.RepeatedCompositeFieldContainer[TopMemory]
+    def __init__(self, state: _Optional[_Iterable[float]] = ..., energy: _Optional[float] = ..., top_memories: _Optional[_Iterable[_Union[TopMemory, _Mapping]]] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("results",)
@@ -192,26 +216,42 @@ class RetrieveResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[MemoryResult, _Mapping]]] = ...) -> None: ...
 
 class CompleteImageRequest(_message.Message):
-    __slots__ = ("model", "image", "mask", "steps")
+    __slots__ = ("model", "image", "mask", "steps", "explain")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     model: str
     image: _containers.RepeatedCompositeFieldContainer[Vector]
     mask: _containers.RepeatedCompositeFieldContainer[Mask]
     steps: int
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., mask: _Optional[_Iterable[_Union[Mask, _Mapping]]] = ..., steps: _Optional[int] = ...) -> None: ...
+    explain: bool
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., mask: _Optional[_Iterable[_Union[Mask, _Mapping]]] = ..., steps: _Optional[int] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class CompleteImageResponse(_message.Message):
-    __slots__ = ("model", "image", "energy_trace")
+    __slots__ = ("model", "image", "energy_trace", "frames")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ENERGY_TRACE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     model: str
     image: _containers.RepeatedCompositeFieldContainer[Vector]
     energy_trace: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., energy_trace: _Optional[_Iterable[float]] = ...) -> None: ...
+    frames: _containers.RepeatedCompositeFieldContainer[ImageFrame]
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., energy_trace: _Optional[_Iterable[float]] = ..., frames: _Optional[_Iterable[_Union[ImageFrame, _Mapping]]] = ...) -> None: ...
+
+class ImageFrame(_message.Message):
+    __slots__ = ("image", "energy", "attention_energy", "hopfield_energy")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_ENERGY_FIELD_NUMBER: _ClassVar[int]
+    HOPFIELD_ENERGY_FIELD_NUMBER: _ClassVar[int]
+    image: _containers.RepeatedCompositeFieldContainer[Vector]
+    energy: float
+    attention_energy: float
+    hopfield_energy: float
+    def __init__(self, image: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., energy: _Optional[float] = ..., attention_energy: _Optional[float] = ..., hopfield_energy: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -372,3 +412,109 @@ class ChatChunk(_message.Message):
     finish_reason: str
     usage: Usage
     def __init__(self, index: _Optional[int] = ..., role: _Optional[str] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Union[ChatTokenLogprob, _Mapping]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("prompt", "temperature", "top_k", "top_p", "top_n", "layers", "heads")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    temperature: float
+    top_k: int
+    top_p: float
+    top_n: int
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    heads: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., top_n: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., heads: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PromptToken(_message.Message):
+    __slots__ = ("text", "id")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    id: int
+    def __init__(self, text: _Optional[str] = ..., id: _Optional[int] = ...) -> None: ...
+
+class NextTokenCandidate(_message.Message):
+    __slots__ = ("token", "token_id", "logit", "probability", "kept_by_top_k", "kept_by_top_p")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    KEPT_BY_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    KEPT_BY_TOP_P_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    token_id: int
+    logit: float
+    probability: float
+    kept_by_top_k: bool
+    kept_by_top_p: bool
+    def __init__(self, token: _Optional[str] = ..., token_id: _Optional[int] = ..., logit: _Optional[float] = ..., probability: _Optional[float] = ..., kept_by_top_k: _Optional[bool] = ..., kept_by_top_p: _Optional[bool] = ...) -> None: ...
+
+class NextToken(_message.Message):
+    __slots__ = ("candidates", "distribution")
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    candidates: _containers.RepeatedCompositeFieldContainer[NextTokenCandidate]
+    distribution: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, candidates: _Optional[_Iterable[_Union[NextTokenCandidate, _Mapping]]] = ..., distribution: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("model", "tokens", "layers", "heads", "attention", "attention_shape", "next_token")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tokens: _containers.RepeatedCompositeFieldContainer[PromptToken]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    heads: _containers.RepeatedScalarFieldContainer[int]
+    attention: _containers.RepeatedScalarFieldContainer[float]
+    attention_shape: _containers.RepeatedScalarFieldContainer[int]
+    next_token: NextToken
+    def __init__(self, model: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[PromptToken, _Mapping]]] = ..., layers: _Optional[_Iterable[int]] = ..., heads: _Optional[_Iterable[int]] = ..., attention: _Optional[_Iterable[float]] = ..., attention_shape: _Optional[_Iterable[int]] = ..., next_token: _Optional[_Union[NextToken, _Mapping]] = ...) -> None: ...
+
+class FidelityRequest(_message.Message):
+    __slots__ = ("bank", "sample_size", "noise")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    sample_size: int
+    noise: float
+    def __init__(self, bank: _Optional[str] = ..., sample_size: _Optional[int] = ..., noise: _Optional[float] = ...) -> None: ...
+
+class Agreement(_message.Message):
+    __slots__ = ("mean_abs_energy_error", "max_abs_energy_error", "mean_gradient_cosine", "min_gradient_cosine")
+    MEAN_ABS_ENERGY_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_ENERGY_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MEAN_GRADIENT_COSINE_FIELD_NUMBER: _ClassVar[int]
+    MIN_GRADIENT_COSINE_FIELD_NUMBER: _ClassVar[int]
+    mean_abs_energy_error: float
+    max_abs_energy_error: float
+    mean_gradient_cosine: float
+    min_gradient_cosine: float
+    def __init__(self, mean_abs_energy_error: _Optional[float] = ..., max_abs_energy_error: _Optional[float] = ..., mean_gradient_cosine: _Optional[float] = ..., min_gradient_cosine: _Optional[float] = ...) -> None: ...
+
+class Fidelity(_message.Message):
+    __slots__ = ("version", "sample_size", "noise", "patterns", "noisy", "same_nearest")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    PATTERNS_FIELD_NUMBER: _ClassVar[int]
+    NOISY_FIELD_NUMBER: _ClassVar[int]
+    SAME_NEAREST_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    sample_size: int
+    noise: float
+    patterns: Agreement
+    noisy: Agreement
+    same_nearest: float
+    def __init__(self, version: _Optional[int] = ..., sample_size: _Optional[int] = ..., noise: _Optional[float] = ..., patterns: _Optional[_Union[Agreement, _Mapping]] = ..., noisy: _Optional[_Union[Agreement, _Mapping]] = ..., same_nearest: _Optional[float] = ...) -> None: ...

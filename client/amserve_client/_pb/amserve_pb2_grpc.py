@@ -94,6 +94,16 @@ class AmserveStub:
                 request_serializer=amserve_dot_v1_dot_amserve__pb2.ChatRequest.SerializeToString,
                 response_deserializer=amserve_dot_v1_dot_amserve__pb2.ChatChunk.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/amserve.v1.Amserve/Explain',
+                request_serializer=amserve_dot_v1_dot_amserve__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=amserve_dot_v1_dot_amserve__pb2.ExplainResponse.FromString,
+                _registered_method=True)
+        self.BankFidelity = channel.unary_unary(
+                '/amserve.v1.Amserve/BankFidelity',
+                request_serializer=amserve_dot_v1_dot_amserve__pb2.FidelityRequest.SerializeToString,
+                response_deserializer=amserve_dot_v1_dot_amserve__pb2.Fidelity.FromString,
+                _registered_method=True)
 
 
 class AmserveServicer:
@@ -176,6 +186,23 @@ class AmserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """The text model explained by its own forward pass, as POST /v1/explain: the prompt's tokens, the
+        causal softmax attention of the layers and heads asked for, the next-token candidates.
+        RESOURCE_EXHAUSTED naming prompt past --max-attention-weights; UNIMPLEMENTED over Triton.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BankFidelity(self, request, context):
+        """A drdam bank's random features against the exact rbf energy, as GET /v1/banks/{bank}/fidelity;
+        FAILED_PRECONDITION when the bank does not keep its patterns, INVALID_ARGUMENT for another kind.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AmserveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +265,16 @@ def add_AmserveServicer_to_server(servicer, server):
                     servicer.Chat,
                     request_deserializer=amserve_dot_v1_dot_amserve__pb2.ChatRequest.FromString,
                     response_serializer=amserve_dot_v1_dot_amserve__pb2.ChatChunk.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=amserve_dot_v1_dot_amserve__pb2.ExplainRequest.FromString,
+                    response_serializer=amserve_dot_v1_dot_amserve__pb2.ExplainResponse.SerializeToString,
+            ),
+            'BankFidelity': grpc.unary_unary_rpc_method_handler(
+                    servicer.BankFidelity,
+                    request_deserializer=amserve_dot_v1_dot_amserve__pb2.FidelityRequest.FromString,
+                    response_serializer=amserve_dot_v1_dot_amserve__pb2.Fidelity.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -564,6 +601,60 @@ class Amserve:
             '/amserve.v1.Amserve/Chat',
             amserve_dot_v1_dot_amserve__pb2.ChatRequest.SerializeToString,
             amserve_dot_v1_dot_amserve__pb2.ChatChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amserve.v1.Amserve/Explain',
+            amserve_dot_v1_dot_amserve__pb2.ExplainRequest.SerializeToString,
+            amserve_dot_v1_dot_amserve__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BankFidelity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amserve.v1.Amserve/BankFidelity',
+            amserve_dot_v1_dot_amserve__pb2.FidelityRequest.SerializeToString,
+            amserve_dot_v1_dot_amserve__pb2.Fidelity.FromString,
             options,
             channel_credentials,
             insecure,
