@@ -13,8 +13,9 @@ service, over REST or gRPC, with numpy arrays in and out.
 from amserve_client.client import AsyncClient, Client
 from amserve_client.errors import (AmserveError, Conflict, InvalidArgument, NotFound, Overloaded, PayloadTooLarge,
                                    Timeout, Unauthorized, Unavailable)
-from amserve_client.types import (Alternative, Bank, Chunk, Generation, ImageCompletion, MemoryResult, Model, Nearest,
-                                  Shard, Stored, TokenLogprob, Usage)
+from amserve_client.types import (Agreement, Alternative, Bank, Chunk, ExplainedStep, Fidelity, Generation,
+                                  ImageCompletion, ImageFrame, MemoryResult, Model, Nearest, NextTokenCandidate,
+                                  PromptToken, Shard, Stored, TextExplanation, TokenLogprob, TopMemory, Usage)
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,6 @@ __all__ = [
     "Unauthorized", "Unavailable",
     "Alternative", "Bank", "Chunk", "Generation", "ImageCompletion", "MemoryResult", "Model", "Nearest", "Shard", "Stored",
     "TokenLogprob", "Usage",
+    "Agreement", "ExplainedStep", "Fidelity", "ImageFrame", "NextTokenCandidate", "PromptToken", "TextExplanation",
+    "TopMemory",
 ]

@@ -14,8 +14,9 @@ from google.protobuf import json_format, message, struct_pb2
 from amserve_client._pb import amserve_pb2 as pb
 from amserve_client._pb import amserve_pb2_grpc as pb_grpc
 from amserve_client.errors import grpc_errors
-from amserve_client.types import (Alternative, Bank, Chunk, Generation, ImageCompletion, MemoryResult, Model, Nearest,
-                                  Shard, Stored, TokenLogprob, Usage)
+from amserve_client.types import (Agreement, Alternative, Bank, Chunk, ExplainedStep, Fidelity, Generation,
+                                  ImageCompletion, ImageFrame, MemoryResult, Model, Nearest, NextTokenCandidate,
+                                  PromptToken, Shard, Stored, TextExplanation, TokenLogprob, TopMemory, Usage)
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,29 @@ class GrpcCalls:
 
     def retrieve(self, bank_name: str, queries: np.ndarray, options: dict) -> GrpcCall:
         request = pb.RetrieveRequest(bank=bank_name, queries=vectors(queries), **options)
-        return GrpcCall("Retrieve", request, True, memory_results(options.get("trace", False)))
+        return GrpcCall("Retrieve", request, True, memory_results(options.get("trace", False),
+                                                                  options.get("explain", False)))
 
     def complete(self, bank_name: str, queries: np.ndarray, mask: np.ndarray, options: dict) -> GrpcCall:
         request = pb.CompleteRequest(bank=bank_name, queries=vectors(queries), mask=masks(mask), **options)
-        return GrpcCall("Complete", request, True, memory_results(options.get("trace", False)))
+        return GrpcCall("Complete", request, True, memory_results(options.get("trace", False),
+                                                                  options.get("explain", False)))
 
-    def complete_image(self, model: str, image: np.ndarray, mask: np.ndarray, steps: int | None) -> GrpcCall:
-        request = pb.CompleteImageRequest(model=model, image=vectors(image), mask=masks(mask), steps=steps)
+    def complete_image(self, model: str, image: np.ndarray, mask: np.ndarray, steps: int | None,
+                       explain: bool = False) -> GrpcCall:
+        request = pb.CompleteImageRequest(model=model, image=vectors(image), mask=masks(mask), steps=steps,
+                                          explain=explain)
         return GrpcCall("CompleteImage", request, True, lambda reply: ImageCompletion(
-            model=reply.model, image=np.array([row.values for row in reply.image], dtype=np.float32),
-            energy_trace=np.asarray(reply.energy_trace, dtype=np.float64)))
+            model=reply.model, image=pixels(reply.image),
+            energy_trace=np.asarray(reply.energy_trace, dtype=np.float64),
+            frames=[ImageFrame(image=pixels(f.image), energy=f.energy, attention_energy=f.attention_energy,
+                               hopfield_energy=f.hopfield_energy) for f in reply.frames] if explain else None))
+
+    def fidelity(self, bank_name: str, options: dict) -> GrpcCall:
+        return GrpcCall("BankFidelity", pb.FidelityRequest(bank=bank_name, **options), True, fidelity)
+
+    def explain_text(self, prompt: str, options: dict) -> GrpcCall:
+        return GrpcCall("Explain", pb.ExplainRequest(prompt=prompt, **options), True, text_explanation)
 
     def models(self) -> GrpcCall:
         return GrpcCall("ListModels", pb.ListModelsRequest(), True, lambda reply: [
@@ -97,15 +110,48 @@ def bank(info: pb.BankInfo) -> Bank:
                 shards=[Shard(shard=s.shard, count=s.count, replicas=list(s.replicas)) for s in info.shards])
 
 
-def memory_results(traced: bool) -> Callable[[pb.RetrieveResponse], list[MemoryResult]]:
+def pixels(rows) -> np.ndarray:
+    return np.array([row.values for row in rows], dtype=np.float32)
+
+
+def memory_results(traced: bool, explained: bool = False) -> Callable[[pb.RetrieveResponse], list[MemoryResult]]:
     def parse(reply: pb.RetrieveResponse) -> list[MemoryResult]:
         return [MemoryResult(state=np.asarray(r.state, dtype=np.float32), energy=r.energy, steps=r.steps,
                              converged=r.converged,
                              nearest=Nearest(id=r.nearest.id, similarity=r.nearest.similarity)
                              if r.HasField("nearest") else None,
-                             trace=np.asarray(r.trace, dtype=np.float64) if traced else None)
+                             # explain implies the trace, as REST answers it
+                             trace=np.asarray(r.trace, dtype=np.float64) if traced or explained else None,
+                             explanation=[ExplainedStep(state=np.asarray(step.state, dtype=np.float32),
+                                                        energy=step.energy,
+                                                        top_memories=[TopMemory(id=m.id, weight=m.weight)
+                                                                      for m in step.top_memories])
+                                          for step in r.explanation] if explained else None)
                 for r in reply.results]
     return parse
+
+
+def agreement(message: pb.Agreement) -> Agreement:
+    return Agreement(mean_abs_energy_error=message.mean_abs_energy_error,
+                     max_abs_energy_error=message.max_abs_energy_error,
+                     mean_gradient_cosine=message.mean_gradient_cosine, min_gradient_cosine=message.min_gradient_cosine)
+
+
+def fidelity(reply: pb.Fidelity) -> Fidelity:
+    return Fidelity(version=reply.version, sample_size=reply.sample_size, noise=reply.noise,
+                    patterns=agreement(reply.patterns), noisy=agreement(reply.noisy), same_nearest=reply.same_nearest)
+
+
+def text_explanation(reply: pb.ExplainResponse) -> TextExplanation:
+    """The flat row-major attention reshaped to [layer][head][query][key]."""
+    return TextExplanation(
+        model=reply.model, tokens=[PromptToken(text=t.text, id=t.id) for t in reply.tokens], layers=list(reply.layers),
+        heads=list(reply.heads),
+        attention=np.asarray(reply.attention, dtype=np.float32).reshape(tuple(reply.attention_shape)),
+        candidates=[NextTokenCandidate(token=c.token, token_id=c.token_id, logit=c.logit, probability=c.probability,
+                                       kept_by_top_k=c.kept_by_top_k, kept_by_top_p=c.kept_by_top_p)
+                    for c in reply.next_token.candidates],
+        distribution=np.asarray(reply.next_token.distribution, dtype=np.float64))
 
 
 def chunk(reply: pb.GenerateChunk) -> Chunk:

@@ -7,14 +7,15 @@ import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 import numpy as np
 
 from amserve_client.errors import from_http, http_errors
-from amserve_client.types import (Bank, Chunk, Generation, ImageCompletion, MemoryResult, Model, Nearest, Stored,
-                                  TokenLogprob, Usage, to_base64, vector)
+from amserve_client.types import (Bank, Chunk, ExplainedStep, Fidelity, Generation, ImageCompletion, ImageFrame,
+                                  MemoryResult, Model, Nearest, NextTokenCandidate, PromptToken, Stored,
+                                  TextExplanation, TokenLogprob, TopMemory, Usage, to_base64, vector)
 
 VERSION_HEADER = "Amserve-Bank-Version"
 
@@ -64,10 +65,19 @@ class RestCalls:
         body = {**self._vectors("queries", queries), "mask": mask.tolist(), **options}
         return RestCall("POST", bank_path(bank, "complete"), body, True, memory_results)
 
-    def complete_image(self, model: str, image: np.ndarray, mask: np.ndarray, steps: int | None) -> RestCall:
+    def complete_image(self, model: str, image: np.ndarray, mask: np.ndarray, steps: int | None,
+                       explain: bool = False) -> RestCall:
         body = {"model": model, "image": image.tolist(), "mask": mask.tolist(),
-                **({} if steps is None else {"steps": steps})}
+                **({} if steps is None else {"steps": steps}), **({"explain": True} if explain else {})}
         return RestCall("POST", "/v1/complete", body, True, image_completion)
+
+    def fidelity(self, bank: str, options: dict) -> RestCall:
+        query = f"?{urlencode(options)}" if options else ""
+        return RestCall("GET", bank_path(bank, "fidelity") + query, None, True,
+                        lambda r: Fidelity.from_fields(r.json()))
+
+    def explain_text(self, prompt: str, options: dict) -> RestCall:
+        return RestCall("POST", "/v1/explain", {"prompt": prompt, **options}, True, text_explanation)
 
     def models(self) -> RestCall:
         return RestCall("GET", "/v1/models", None, True, lambda r: [
@@ -90,14 +100,33 @@ def bank_path(*parts: str) -> str:
 def memory_results(response: httpx.Response) -> list[MemoryResult]:
     return [MemoryResult(state=vector(r["state"]), energy=r["energy"], steps=r["steps"], converged=r["converged"],
                          nearest=Nearest(**r["nearest"]) if r.get("nearest") else None,
-                         trace=None if r.get("trace") is None else np.asarray(r["trace"], dtype=np.float64))
+                         trace=None if r.get("trace") is None else np.asarray(r["trace"], dtype=np.float64),
+                         explanation=None if r.get("explanation") is None else [
+                             ExplainedStep(state=vector(step["state"]), energy=step["energy"],
+                                           top_memories=[TopMemory(**m) for m in step["top_memories"]])
+                             for step in r["explanation"]])
             for r in response.json()["results"]]
 
 
 def image_completion(response: httpx.Response) -> ImageCompletion:
     body = response.json()
+    frames = body.get("frames")
     return ImageCompletion(model=body["model"], image=np.asarray(body["image"], dtype=np.float32),
-                           energy_trace=np.asarray(body["energy_trace"], dtype=np.float64))
+                           energy_trace=np.asarray(body["energy_trace"], dtype=np.float64),
+                           frames=None if frames is None else [
+                               ImageFrame(image=np.asarray(f["image"], dtype=np.float32), energy=f["energy"],
+                                          attention_energy=f["attention_energy"], hopfield_energy=f["hopfield_energy"])
+                               for f in frames])
+
+
+def text_explanation(response: httpx.Response) -> TextExplanation:
+    body = response.json()
+    tokens = [PromptToken(text=t["text"], id=t["id"]) for t in body["tokens"]]
+    shape = (len(body["layers"]), len(body["heads"]), len(tokens), len(tokens))
+    return TextExplanation(model=body["model"], tokens=tokens, layers=body["layers"], heads=body["heads"],
+                           attention=np.asarray(body["attention"], dtype=np.float32).reshape(shape),
+                           candidates=[NextTokenCandidate(**c) for c in body["next_token"]["candidates"]],
+                           distribution=np.asarray(body["next_token"]["distribution"], dtype=np.float64))
 
 
 def generation(response: httpx.Response) -> Generation:

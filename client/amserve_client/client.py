@@ -87,21 +87,43 @@ class _Operations:
         return self._send(self._calls.delete_pattern(bank, pattern_id))
 
     def retrieve(self, bank: str, queries: Any, *, steps: int | None = None, step_size: float | None = None,
-                 tolerance: float | None = None, trace: bool = False, min_version: int | None = None):
-        """Runs the bank's dynamics from each query (N×D, or one vector) → list[MemoryResult], one per query."""
-        options = dynamics(steps, step_size, tolerance, trace, min_version)
+                 tolerance: float | None = None, trace: bool = False, min_version: int | None = None,
+                 explain: bool = False):
+        """Runs the bank's dynamics from each query (N×D, or one vector) → list[MemoryResult], one per query.
+        With `explain`, each result's `explanation`: every step's state, energy and top memories."""
+        options = dynamics(steps, step_size, tolerance, trace, min_version, explain)
         return self._send(self._calls.retrieve(bank, matrix(queries), options))
 
     def complete(self, bank: str, queries: Any, mask: Any, *, steps: int | None = None,
                  step_size: float | None = None, tolerance: float | None = None, trace: bool = False,
-                 min_version: int | None = None):
+                 min_version: int | None = None, explain: bool = False):
         """As retrieve, with the entries where `mask` is true (known) clamped → list[MemoryResult]."""
-        options = dynamics(steps, step_size, tolerance, trace, min_version)
+        options = dynamics(steps, step_size, tolerance, trace, min_version, explain)
         return self._send(self._calls.complete(bank, matrix(queries), matrix(mask, bool), options))
 
-    def complete_image(self, image: Any, mask: Any, *, steps: int | None = None, model: str = "energy-transformer"):
-        """Fills the pixels of `image` (H×W in [0, 1]) where `mask` is true (missing) → ImageCompletion."""
-        return self._send(self._calls.complete_image(model, matrix(image), matrix(mask, bool), steps))
+    def complete_image(self, image: Any, mask: Any, *, steps: int | None = None, model: str = "energy-transformer",
+                       explain: bool = False):
+        """Fills the pixels of `image` (H×W in [0, 1]) where `mask` is true (missing) → ImageCompletion;
+        with `explain` its `frames`: the image after every step, the energy split in its two parts."""
+        return self._send(self._calls.complete_image(model, matrix(image), matrix(mask, bool), steps, explain))
+
+    def fidelity(self, bank: str, *, sample_size: int | None = None, noise: float | None = None):
+        """A drdam bank's random features against the exact rbf energy on a sample of its own patterns and
+        noisy copies → Fidelity; Conflict when the bank does not keep its patterns."""
+        options = {name: value for name, value in (("sample_size", sample_size), ("noise", noise)) if value is not None}
+        return self._send(self._calls.fidelity(bank, options))
+
+    def explain_text(self, prompt: str, *, temperature: float | None = None, top_k: int | None = None,
+                     top_p: float | None = None, top_n: int | None = None, layers: list[int] | None = None,
+                     heads: list[int] | None = None):
+        """The text model's own forward pass over `prompt` → TextExplanation: its tokens, the attention of
+        the `layers` and `heads` asked for (default all) and the next-token candidates under the sampling
+        options. Options left None take the service's defaults."""
+        options = {name: value for name, value in (
+            ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("top_n", top_n),
+            ("layers", None if layers is None else list(layers)), ("heads", None if heads is None else list(heads)))
+            if value is not None}
+        return self._send(self._calls.explain_text(prompt, options))
 
     def models(self):
         """The served models and memory kinds → list[Model]."""
@@ -122,10 +144,11 @@ class _Operations:
 
 
 def dynamics(steps: int | None, step_size: float | None, tolerance: float | None, trace: bool,
-             min_version: int | None) -> dict:
+             min_version: int | None, explain: bool = False) -> dict:
     """The options of retrieve and complete that were given (the others take the service's defaults)."""
     given = {"steps": steps, "step_size": step_size, "tolerance": tolerance, "min_version": min_version}
-    return {"trace": trace} | {name: value for name, value in given.items() if value is not None}
+    return ({"trace": trace} | ({"explain": True} if explain else {})
+            | {name: value for name, value in given.items() if value is not None})
 
 
 class Client(_Operations):

@@ -50,6 +50,19 @@ class Nearest:
     similarity: float
 
 
+@dataclass(frozen=True)
+class TopMemory:
+    id: str
+    weight: float  # softmax weight (modern, rbf), feature-space share (drdam), overlap ξ·v/D (classical, dense)
+
+
+@dataclass(frozen=True, eq=False)
+class ExplainedStep:
+    state: np.ndarray  # float32, the bank's dim
+    energy: float  # the trace's entry
+    top_memories: list[TopMemory]  # strongest first; empty where the bank keeps no patterns
+
+
 @dataclass(frozen=True, eq=False)
 class MemoryResult:
     state: np.ndarray  # float32, the bank's dim
@@ -57,7 +70,16 @@ class MemoryResult:
     steps: int
     converged: bool
     nearest: Nearest | None  # None for the kinds that keep no patterns
-    trace: np.ndarray | None  # energies at the start and after every step, when asked for
+    trace: np.ndarray | None  # energies at the start and after every step, when asked for (or explained)
+    explanation: list[ExplainedStep] | None = None  # with explain: every step, the start included
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFrame:
+    image: np.ndarray  # H×W float32
+    energy: float  # attention_energy + hopfield_energy
+    attention_energy: float
+    hopfield_energy: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +87,62 @@ class ImageCompletion:
     model: str
     image: np.ndarray  # H×W float32 in [0, 1]
     energy_trace: np.ndarray
+    frames: list[ImageFrame] | None = None  # with explain: one per step, the start included; the last is `image`
+
+
+@dataclass(frozen=True)
+class PromptToken:
+    text: str  # the token decoded alone
+    id: int
+
+
+@dataclass(frozen=True)
+class NextTokenCandidate:
+    token: str
+    token_id: int
+    logit: float
+    probability: float  # softmax(logits / temperature); temperature 0 counts as 1
+    kept_by_top_k: bool
+    kept_by_top_p: bool
+
+
+@dataclass(frozen=True, eq=False)
+class TextExplanation:
+    """The text model's own forward pass over a prompt (explain_text)."""
+
+    model: str
+    tokens: list[PromptToken]
+    layers: list[int]  # the layers `attention` holds, in its order
+    heads: list[int]  # the heads `attention` holds, in its order
+    attention: np.ndarray  # float32 [layer][head][query][key] causal softmax weights
+    candidates: list[NextTokenCandidate]  # the top_n most likely next tokens, most likely first
+    distribution: np.ndarray  # per candidate, what the sampler draws from (top-k and top-p applied, renormalised)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    mean_abs_energy_error: float
+    max_abs_energy_error: float
+    mean_gradient_cosine: float
+    min_gradient_cosine: float
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How well a drdam bank's random features approximate the exact rbf energy of its own patterns now."""
+
+    version: int  # the bank's version the report was computed at
+    sample_size: int  # stored patterns sampled; as many noisy copies too
+    noise: float
+    patterns: Agreement  # at the sampled patterns themselves
+    noisy: Agreement  # at their noisy copies
+    same_nearest: float  # fraction of noisy copies DrDAM and exact retrieval bring nearest the same pattern
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Fidelity:
+        return cls(version=fields["version"], sample_size=fields["sample_size"], noise=fields["noise"],
+                   patterns=Agreement(**fields["patterns"]), noisy=Agreement(**fields["noisy"]),
+                   same_nearest=fields["same_nearest"])
 
 
 @dataclass(frozen=True)
