@@ -38,14 +38,17 @@ def build_backend(settings: Settings) -> Backend:
 
         # With a shared store the gateway commits writes itself, and may read from several replicas.
         store = open_store(settings.store) if settings.store else None
+        batching = dict(max_batch_size=settings.max_batch_size, max_queue_delay_us=settings.max_queue_delay_us,
+                        max_queue_size=settings.max_queue_size)
         if settings.triton_url:  # e.g. the replicas of a Triton StatefulSet in Kubernetes, comma-separated
-            return TritonBackend(settings.triton_url, store=store)
+            return TritonBackend(settings.triton_url, store=store, **batching)
         # Otherwise run the bundled Triton as a child on free ports, serving this data dir.
         # The associative_memory model opens the same store (AMSERVE_STORE) and follows it as a replica.
         env = {"AMSERVE_STORE": settings.store} if settings.store else {}
         env |= {"AMSERVE_DTYPE": settings.dtype, "AMSERVE_KV_DTYPE": settings.kv_dtype}  # read by the llm model
         return TritonBackend(server=TritonServer(settings.model_repository, http_port=0, grpc_port=0,
-                                                 metrics_port=0, data_dir=settings.data_dir, env=env), store=store)
+                                                 metrics_port=0, data_dir=settings.data_dir, env=env), store=store,
+                             **batching)
     raise SystemExit(f"unknown backend {settings.backend!r} (expected 'embedded' or 'triton')")
 
 

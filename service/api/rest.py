@@ -35,8 +35,6 @@ VERSION_HEADER = "Amserve-Bank-Version"
 NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 BankPath = Annotated[str, Path(pattern=f"^{BANK_NAME.pattern}$")]
-# Patterns a fidelity report samples: each costs a DrDAM and an exact retrieval.
-MAX_FIDELITY_SAMPLE = 1024
 
 
 # ----- the OpenAPI document -------------------------------------------------------------------
@@ -223,7 +221,7 @@ async def get_bank(bank: BankPath, ops: Ops, tenant: Caller):
                        "sample of its own stored patterns and noisy copies of them; 409 when the bank does not keep "
                        "its patterns.")
 async def fidelity(bank: BankPath, ops: Ops, tenant: Caller,
-                   sample_size: Annotated[int, Query(ge=1, le=MAX_FIDELITY_SAMPLE)] = 64,
+                   sample_size: Annotated[int, Query(ge=1, le=schemas.MAX_FIDELITY_SAMPLE)] = 64,
                    noise: Annotated[float, Query(ge=0, le=2, allow_inf_nan=False)] = 0.1):
     return await ops.fidelity(tenant, bank, sample_size, noise)
 

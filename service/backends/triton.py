@@ -114,7 +114,8 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self, url: str | None = None, *, server: TritonServer | None = None, store: Store | None = None,
-                 ready_timeout: float = 1.0, request_timeout: float | None = None):
+                 ready_timeout: float = 1.0, request_timeout: float | None = None, max_batch_size: int = 64,
+                 max_queue_delay_us: int = 500, max_queue_size: int = 1024):
         """Talks to the Triton at gRPC `url` (host:port), or to several replicas (comma-separated) that
         follow one shared `store`. Without a url, start() launches `server` (by default
         TritonServer("model_repository") on its default ports) and close() stops it.
@@ -142,7 +143,15 @@ class TritonBackend:
         # A sharded bank's dynamics run in this gateway: concurrent requests on one bank with the same
         # options batch, so that each evaluation is one fan-out for all of them.
         self._shard_threads = ThreadPoolExecutor(max_workers=SHARDED_RUNS, thread_name_prefix="amserve-shards")
-        self._sharded_runs = MicroBatcher(self._run_sharded, executor=self._shard_threads)
+        batching = dict(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                        max_queue_size=max_queue_size)
+        self._sharded_runs = MicroBatcher(self._run_sharded, executor=self._shard_threads,
+                                          max_concurrent_batches=SHARDED_RUNS, **batching)
+        # Concurrent runs on one unsharded bank with the same options go to Triton as one request: a
+        # request costs this gateway and Triton more than a row does (Triton's batcher merges what is left).
+        # Two batches per replica at once: one computing while the next one travels.
+        self._runs = MicroBatcher(self._run_batch, executor=None, max_concurrent_batches=2 * len(self.urls),
+                                  **batching)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -157,9 +166,11 @@ class TritonBackend:
         metrics.WAITING_SEQUENCES.labels("llm").set_function(lambda: self._generations["waiting"])
         self._loop = asyncio.get_running_loop()
         self._sharded_runs.start()
+        self._runs.start()
 
     async def close(self) -> None:
         await self._sharded_runs.close()
+        await self._runs.close()
         # Not waiting: a run still in progress waits on fan-outs that need this loop, which is closing.
         self._shard_threads.shutdown(wait=False, cancel_futures=True)
         for replica in self._replicas:
@@ -321,8 +332,9 @@ class TritonBackend:
     async def list_banks(self) -> list[BankInfo]:
         return [self._placed(memory_wire.bank_info(info)) for info in await self._call("list")]
 
-    async def bank_info(self, name: str) -> BankInfo:
-        info = self._placed(memory_wire.bank_info(await self._call("info", name)))
+    async def bank_info(self, name: str, min_version: int = 0) -> BankInfo:
+        args = {"min_version": min_version} if min_version else None
+        info = self._placed(memory_wire.bank_info(await self._call("info", name, args)))
         self._banks[name] = info
         return info
 
@@ -358,25 +370,29 @@ class TritonBackend:
                          options: DynamicsOptions, min_version: int = 0) -> MemoryResults:
         """One Triton request, or for a bank sharded over several replicas the dynamics here, each
         evaluation a fan-out of one partial request per shard (service/engines/memory/shards.py)."""
-        info = self._banks.get(name)
-        if info is None and len(self._replicas) > 1:
-            info = await self.bank_info(name)
+        info = self._banks.get(name) or await self.bank_info(name, min_version)
         try:
-            if info is not None and len(info.shards) > 1:
-                record = BankRecord(info.name, info.kind, info.dim, info.params)
-                x, mask = checked_queries(record, queries, clamp)  # each request alone, before batching
-                return await self._sharded_runs.submit((name, options), (info, x, mask, min_version), rows=len(x))
-            return await self._run(name, queries, clamp, options, min_version)
+            try:  # each request alone, before batching
+                x, mask = checked_queries(BankRecord(info.name, info.kind, info.dim, info.params), queries, clamp)
+            except InvalidArgument:  # against the bank as it is now: it may have been re-created elsewhere
+                info = await self.bank_info(name, min_version)
+                x, mask = checked_queries(BankRecord(info.name, info.kind, info.dim, info.params), queries, clamp)
+            runs = self._sharded_runs if len(info.shards) > 1 else self._runs
+            return await runs.submit((name, options), (info, x, mask, min_version), rows=len(x))
         except ServiceError:  # the bank may have been re-created with other shards: ask again next time
             self._banks.pop(name, None)
             raise
 
-    async def _run(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
-                   options: DynamicsOptions, min_version: int) -> MemoryResults:
-        args = {**asdict(options), "min_version": min_version}
-        arrays = memory_wire.request_arrays("run", name, args, vectors=queries, clamp=clamp)
+    async def _run_batch(self, key: tuple[str, DynamicsOptions], parts: list[tuple]) -> list[MemoryResults]:
+        """A batch of checked requests on one unsharded bank: one run request to Triton."""
+        name, options = key
+        x, mask = stacked([(queries, clamp) for _, queries, clamp, _ in parts])
+        args = {**asdict(options), "min_version": max(part[3] for part in parts)}
+        arrays = memory_wire.request_arrays("run", name, args, vectors=x.numpy(),
+                                            clamp=None if mask is None else mask.numpy())
         answer = await self._infer(ASSOCIATIVE_MEMORY, arrays, memory_wire.RUN_OUTPUTS, failover=True)
-        return memory_wire.decode_results({name: answer.as_numpy(name)[0] for name in memory_wire.RUN_OUTPUTS})
+        results = memory_wire.decode_results({name: answer.as_numpy(name)[0] for name in memory_wire.RUN_OUTPUTS})
+        return results.split([len(queries) for _, queries, _, _ in parts])
 
     def _run_sharded(self, key: tuple[str, DynamicsOptions], parts: list[tuple]) -> list[MemoryResults]:
         """A batch of checked requests on one sharded bank, in a worker thread: the dynamics run here and

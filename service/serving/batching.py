@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,16 +31,19 @@ class _Pending:
 class MicroBatcher:
     def __init__(
         self,
-        run_batch: Callable[[Hashable, list[Any]], Sequence[Any]],
+        run_batch: Callable[[Hashable, list[Any]], Sequence[Any] | Awaitable[Sequence[Any]]],
         *,
-        executor: Executor,
+        executor: Executor | None,
         max_batch_size: int = 64,
         max_queue_delay_us: int = 500,
         max_queue_size: int = 1024,
+        max_concurrent_batches: int = 1,
         model: str = "associative_memory",
     ):
-        """`run_batch(key, items)` runs in `executor` and returns one result per item, or raises; an
-        exception fails every request of that batch."""
+        """`run_batch(key, items)` runs in `executor` (or, without one, is a coroutine function awaited
+        on the loop) and returns one result per item, or raises; an exception fails every request of
+        that batch. Up to `max_concurrent_batches` batches run at once: one where they share one engine,
+        more where the batches go to servers that overlap them (Triton's instances and replicas)."""
         self._run_batch = run_batch
         self._executor = executor
         self.max_batch_size = max_batch_size
@@ -54,14 +57,17 @@ class MicroBatcher:
         self._waiting = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._free = asyncio.Semaphore(max_concurrent_batches)
+        self._running: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._dispatch_forever())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [task for task in (self._task, *self._running) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def submit(self, key: Hashable, item: Any, rows: int) -> Any:
         if self._waiting >= self.max_queue_size:
@@ -75,6 +81,12 @@ class MicroBatcher:
         return await pending.future
 
     async def _dispatch_forever(self) -> None:
+        while True:
+            await self._free.acquire()  # while every batch slot is busy, the waiting requests add up
+            await self._dispatch_one()
+
+    async def _dispatch_one(self) -> None:
+        """Wait for requests, then for company up to the queue delay, and start one batch."""
         while True:
             if not self._queues:
                 self._wakeup.clear()
@@ -90,7 +102,14 @@ class MicroBatcher:
                     break
             batch = self._take(key, queue)
             if batch:
-                await self._run(key, batch)
+                task = asyncio.get_running_loop().create_task(self._run(key, batch))
+                self._running.add(task)
+                task.add_done_callback(self._finished)
+                return
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._free.release()
 
     def _take(self, key: Hashable, queue: deque[_Pending]) -> list[_Pending]:
         batch, rows = [], 0
@@ -113,9 +132,12 @@ class MicroBatcher:
             self._queue_wait.observe(started - pending.enqueued)
         self._batch_size.observe(len(batch))
         self._batch_rows.observe(sum(p.rows for p in batch))
-        loop = asyncio.get_running_loop()
+        items = [p.item for p in batch]
         try:
-            results = await loop.run_in_executor(self._executor, self._run_batch, key, [p.item for p in batch])
+            if self._executor is None:
+                results = await self._run_batch(key, items)
+            else:
+                results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, key, items)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request
             for pending in batch:
                 if not pending.future.done():

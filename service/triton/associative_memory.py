@@ -5,7 +5,7 @@ requests). Inputs (names and types in service/triton/spec.py):
 
     OP       BYTES [1]        create | list | info | delete | store | delete_pattern | run | partial | fidelity
     BANK     BYTES [1]        bank name ("" for list)
-    ARGS     BYTES [1]        JSON object: create {kind, dim, params}, store {ids}, delete_pattern {id},
+    ARGS     BYTES [1]        JSON object: create {kind, dim, params}, info {min_version}, store {ids}, delete_pattern {id},
                               run {steps, step_size, tolerance, trace, explain, min_version},
                               partial {shard, shards, min_version}, fidelity {sample_size, noise}
     VECTORS  FP32  [N, D]     store: patterns; run: queries; partial: states (optional, ragged)
@@ -45,6 +45,7 @@ from service.triton.wire import json_tensor, text_tensor, text_value
 
 OPS = ("create", "list", "info", "delete", "store", "delete_pattern", "run", "partial", "fidelity")
 READ_OPS = ("list", "info", "run", "partial", "fidelity")
+VERSIONED_OPS = ("info", "run", "partial")  # reads that may ask for a bank version: ARGS min_version
 RUN_OUTPUTS = ("STATES", "ENERGY", "STEPS", "CONVERGED", "NEAREST", "SIMILARITY", "TRACE", "STEP_STATES", "TOP_IDS",
                "TOP_WEIGHTS")
 PARTIAL_OUTPUTS = ("MAX_LOGIT", "TOTAL", "WEIGHTED", "BEST", "NEAREST", "RESULT")
@@ -156,13 +157,14 @@ class AssociativeMemory:
                 if not isinstance(args, dict):
                     raise InvalidArgument("ARGS must be a JSON object")
                 vectors = NO_VECTORS if inputs["VECTORS"] is None else inputs["VECTORS"]
-                if op in ("run", "partial"):
+                if op in VERSIONED_OPS:
                     min_version = args.pop("min_version", 0)
                     if isinstance(min_version, bool) or not isinstance(min_version, int) or min_version < 0:
                         raise InvalidArgument("min_version must be an integer >= 0", field="min_version")
-                    key = ("run", bank, _options(args)) if op == "run" else ("partial", bank, *_shard(args))
                     if min_version:  # catch up from the store now; a replica still behind answers 503
                         self.registry.at_version(bank, min_version)
+                if op in ("run", "partial"):
+                    key = ("run", bank, _options(args)) if op == "run" else ("partial", bank, *_shard(args))
                     queries, clamp = self.registry.check_queries(bank, vectors, inputs["CLAMP"] if op == "run" else None)
                     groups.setdefault(key, []).append((index, (queries, clamp) if op == "run" else queries))
                     continue

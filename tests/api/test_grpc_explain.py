@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import json_format
 from sklearn.datasets import load_digits
 
-from service.api import rest, schemas
+from service.api import schemas
 from service.api.grpc_server import create_server
 from service.api.operations import Operations
 from service.api.pb import amserve_pb2 as pb
@@ -260,10 +260,6 @@ def test_bank_fidelity_refuses_what_rest_refuses(stub, client, bank_name):
     assert codes[:3] == [grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
                          grpc.StatusCode.NOT_FOUND]
     assert stub.BankFidelity(pb.FidelityRequest(bank=bank_name, sample_size=schemas.MAX_FIDELITY_SAMPLE)).sample_size == 8
-
-
-def test_the_fidelity_bounds_are_rests():
-    assert schemas.MAX_FIDELITY_SAMPLE == rest.MAX_FIDELITY_SAMPLE
 
 
 def test_the_introspection_rpcs_are_metered_like_their_routes(server, stub, client, bank_name):

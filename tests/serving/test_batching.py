@@ -129,3 +129,40 @@ def test_cancelled_waiters_are_skipped():
 
     assert run(scenario()) == ("k", 4)
     assert recorder.calls == [("k", [2])]
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_batches_in_progress_at_once_are_bounded_and_requests_wait_for_a_slot(slots):
+    """With an async run_batch (no executor): at most `slots` batches run at once; while every slot is
+    busy the waiting requests add up into the next batch."""
+    running, most, release, calls = 0, 0, None, []
+
+    async def run_batch(key, items):
+        nonlocal running, most
+        calls.append(list(items))
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+        return [(key, item) for item in items]
+
+    async def scenario():
+        nonlocal release
+        release = asyncio.Event()
+        batcher = MicroBatcher(run_batch, executor=None, max_batch_size=64, max_queue_delay_us=1_000,
+                               max_concurrent_batches=slots)
+        batcher.start()
+        first = [asyncio.ensure_future(batcher.submit(f"bank{i}", i, rows=1)) for i in range(5)]
+        await asyncio.sleep(0.1)  # every slot taken, one batch per key
+        started = most
+        later = [asyncio.ensure_future(batcher.submit("bank0", 10 + i, rows=1)) for i in range(4)]
+        await asyncio.sleep(0.05)
+        release.set()
+        results = await asyncio.gather(*first, *later)
+        await batcher.close()
+        return started, results
+
+    started, results = run(scenario())
+    assert started == slots and most == slots
+    assert [10, 11, 12, 13] in calls  # they came while the slots were busy: one batch
+    assert results == [(f"bank{i}", i) for i in range(5)] + [("bank0", 10 + i) for i in range(4)]

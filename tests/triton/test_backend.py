@@ -12,12 +12,14 @@ import uuid
 import numpy as np
 import pytest
 
-from service.backends.triton import TritonBackend
+from service.backends.triton import TritonBackend, _inputs
 from service.banks.registry import BankRegistry, DynamicsOptions
 from service.banks.store import SQLiteStore
 from service.engines.lm import SamplingParams
 from service.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Overloaded, Unavailable
+from service.triton import associative_memory as memory_wire
 from service.triton.launcher import free_port
+from service.triton.spec import ASSOCIATIVE_MEMORY
 from tests.helpers import outcome, run_scenario, settled_inference_counts
 from tests.triton.fixtures import MEMORY_ONLY, launch
 
@@ -124,6 +126,8 @@ def test_every_operation_answers_like_the_embedded_backend(triton_server, tmp_pa
 
 
 def test_concurrent_retrieves_share_executions(triton_server):
+    """The gateway sends concurrent retrieves of one bank to Triton as one request, and Triton's own
+    batcher merges concurrent requests (sent here without the gateway's batching) into one execution."""
     bank = bank_name()
     patterns = random_patterns(8, seed=2)
     queries = np.repeat(patterns, 8, axis=0)
@@ -137,12 +141,18 @@ def test_concurrent_retrieves_share_executions(triton_server):
         before = settled_inference_counts(triton_server.metrics_url, "associative_memory")
         together = await asyncio.gather(*(triton.run_memory(bank, q[None], None, DynamicsOptions())
                                           for q in queries))
-        after = settled_inference_counts(triton_server.metrics_url, "associative_memory", before[0] + concurrent)
+        gateway = settled_inference_counts(triton_server.metrics_url, "associative_memory")
+        raw = [_inputs(ASSOCIATIVE_MEMORY, memory_wire.request_arrays("run", bank, {}, vectors=q[None]))
+               for q in queries]
+        client = triton._replicas[0].client
+        await asyncio.gather(*(client.infer(ASSOCIATIVE_MEMORY.name, inputs) for inputs in raw))
+        after = settled_inference_counts(triton_server.metrics_url, "associative_memory", gateway[0] + concurrent)
         await triton.delete_bank(bank)
-        return alone, together, before, after
+        return alone, together, before, gateway, after
 
-    alone, together, before, after = run_scenario(scenario, TritonBackend(triton_server.url))
-    inferences, executions = after[0] - before[0], after[1] - before[1]
+    alone, together, before, gateway, after = run_scenario(scenario, TritonBackend(triton_server.url))
+    assert 1 <= gateway[0] - before[0] < concurrent, "the gateway sent every retrieve alone"
+    inferences, executions = after[0] - gateway[0], after[1] - gateway[1]
     assert inferences == concurrent
     assert executions < inferences, "Triton never batched concurrent requests"
     assert [r.nearest[0] for r in together] == [f"p{i // 8}" for i in range(concurrent)]
