@@ -9,7 +9,8 @@ Banks (built straight into the data dir through the registry, so set-up does not
 matching run (read from its /metrics), so the ratio REST / raw shows what the gateway costs.
 Every figure is measured in this one run; results go to loadtest/results/retrieve.json.
 
-Via Triton: the same REST/gRPC requests with `--backend triton` (Triton's own dynamic batcher).
+Via Triton: the same REST/gRPC requests with `--backend triton` (the gateway's batches, then Triton's
+own dynamic batcher).
 
 The Python client shares the cores with the server and measures itself too, so REST is also driven by
 wrk (a compiled client; `apt-get install wrk`), 64 connections, one query per request, as JSON floats
@@ -141,9 +142,8 @@ def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: 
                     cell = run_wrk(server, bank, encoding_format, seconds, work)
                     cell.update(bank=bank, backend=backend, encoding_format=encoding_format)
                     cells.append(cell)
-    # The engine alone at each run's batch size, after the servers are gone (they would share the cores).
-    # Triton batches inside itself, out of the gateway's sight: its runs are set beside the engine at the
-    # batch size the embedded server formed for the same bank and encoding.
+    # The engine alone at each run's batch size (the gateway's batches, over Triton too), after the
+    # servers are gone (they would share the cores).
     formed = {(c["bank"], c["encoding_format"]): c["mean_batch_rows"] for c in cells if c["mean_batch_rows"]}
     for cell in cells:
         batch = max(1, round(cell["mean_batch_rows"] or formed.get((cell["bank"], cell["encoding_format"]), 1)))
