@@ -3,58 +3,16 @@ shows every operation at /docs (Swagger UI) and at /redoc (ReDoc)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from urllib.parse import urlsplit
-
 import httpx
 import pytest
 
 from tests.harness import ServerProcess
-
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; `make test` installs it
-LOOPBACK = {"127.0.0.1", "localhost"}
 
 
 @pytest.fixture(scope="module")
 def docs_server(tmp_path_factory):
     with ServerProcess(tmp_path_factory.mktemp("docs"), extra_args=["--model", "none"]) as proc:
         yield proc
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"no {CHROMIUM} (Debian's chromium package; `make test` installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package (dev extras)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-@pytest.fixture()
-def offline_page(browser):
-    """A page whose requests off the loopback are refused, and recorded in `page.refused`; its script
-    errors are in `page.script_errors`."""
-    context = browser.new_context()
-    page = context.new_page()
-    page.refused, page.script_errors = [], []
-    page.on("pageerror", lambda error: page.script_errors.append(str(error)))
-
-    def loopback_only(route):
-        if urlsplit(route.request.url).hostname in LOOPBACK:
-            route.continue_()
-        else:
-            page.refused.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", loopback_only)
-    try:
-        yield page
-    finally:
-        context.close()
 
 
 def operation_count(server) -> int:

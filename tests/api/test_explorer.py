@@ -12,7 +12,6 @@ import itertools
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Self
 from urllib.parse import urlsplit
 
@@ -22,50 +21,15 @@ import pytest
 from service.api.auth import create_key
 from tests.harness import ROOT, ServerProcess
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; `make test` installs it
-LOOPBACK = {"127.0.0.1", "localhost"}
 WAIT_MS = 30_000
-VIEWPORT = {"width": 1280, "height": 800}
 PREFIX = "/amserve"
 LAST_STEP = "(label) => { const {step, last} = document.querySelector(label).dataset; return last && step === last; }"
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"no {CHROMIUM} (Debian's chromium package; `make test` installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package (dev extras)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
 @pytest.fixture()
-def page(browser):
-    """A page whose requests off the loopback are refused (and recorded in `page.refused`), with its
-    script errors in `page.script_errors` and its console errors in `page.console_errors`."""
-    context = browser.new_context(viewport=VIEWPORT)
-    page = context.new_page()
-    page.refused, page.script_errors, page.console_errors = [], [], []
-    page.on("pageerror", lambda error: page.script_errors.append(str(error)))
-    page.on("console", lambda message: message.type == "error" and page.console_errors.append(message.text))
-
-    def loopback_only(route):
-        if urlsplit(route.request.url).hostname in LOOPBACK:
-            route.continue_()
-        else:
-            page.refused.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", loopback_only)
-    page.set_default_timeout(WAIT_MS)
-    try:
-        yield page
-    finally:
-        context.close()
+def page(offline_page):
+    offline_page.set_default_timeout(WAIT_MS)
+    return offline_page
 
 
 def assert_clean(page) -> None:
