@@ -2,11 +2,18 @@
 
 Both run on PyTorch's CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which
 multiply by the integer weights without materialising a float copy. Their fp32-activation paths are
-~10x slower than their bf16 ones on this CPU (loadtest/bench_quantized.py), so activations enter the
+5-10x slower than their bf16 ones on this AVX2 CPU (the model's shapes, 1 and 16 rows), so activations enter the
 kernels in `compute_dtype` (bf16 by default) and leave in the caller's dtype.
 
 Dequantised, an int8 weight is `q * scale[row]`; an int4 one is `q * scale + min` per group of
 `group_size` inputs, q in 0..15 (GGUF Q4_1's form; Q4_0 is min = -8 * scale).
+
+The token embedding and the output head are one vocab x dim table (tied) whose rounding shows in
+every logit: one scale per row (what the int8 kernel takes) moves greedy choices at 3% of the
+positions of a text on its own (loadtest/results/quantized.json). So the table is also kept in int8
+groups of 32 inputs (`Int8Table`: GGUF Q8_0's form, which it holds exactly): the embedding reads its
+rows from there, and the head (`RescoredHead`) multiplies by the per-row copy on the fast kernel,
+then recomputes the `candidates` highest logits of each row from the grouped table.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from torch import Tensor, nn
 aten = torch.ops.aten
 
 INT4_GROUP_SIZE = 32  # GGUF's block size: Q4_0/Q4_1 blocks map onto int4 groups one to one
+TABLE_GROUP_SIZE = 32  # GGUF Q8_0's block size
+HEAD_CANDIDATES = 32  # logits of each row recomputed from the grouped table
 
 
 class Int8Linear(nn.Module):
@@ -46,16 +55,95 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class Int8Embedding(nn.Module):
-    """Rows of an int8 table times their scale; shares its tensors with the tied `Int8Linear` head."""
+class Int8Table(nn.Module):
+    """A (rows, dim) table in int8 groups of `group_size` along dim, one symmetric fp32 scale per
+    group: row r is `q[r] * scales[r]` (repeated over its group). Rounded from float values as GGUF
+    Q8_0 does, so a Q8_0 tensor (dequantised) comes back exactly."""
 
-    def __init__(self, table: Int8Linear, dtype: torch.dtype = torch.float32):
+    def __init__(self, q: Tensor, scales: Tensor):
+        """q: (rows, dim) int8; scales: (rows, dim // group_size)."""
+        super().__init__()
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales.float())
+
+    @classmethod
+    def quantize(cls, table: Tensor, group_size: int = TABLE_GROUP_SIZE) -> Int8Table:
+        rows, dim = table.shape
+        if dim % group_size:
+            raise ValueError(f"dim {dim} is not a multiple of the group size {group_size}")
+        groups = table.float().view(rows, dim // group_size, group_size)
+        scales = groups.abs().amax(dim=-1) / 127
+        q = torch.round(groups / scales.clamp_min(1e-30)[..., None]).clamp_(-127, 127).to(torch.int8)
+        return cls(q.view(rows, dim), scales)
+
+    @property
+    def group_size(self) -> int:
+        return self.weight.shape[1] // self.scales.shape[1]
+
+    def rows(self, index: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Dequantised rows: index (...) -> (..., dim)."""
+        q = self.weight[index].to(dtype)
+        return (q.view(*q.shape[:-1], -1, self.group_size) * self.scales[index][..., None].to(dtype)).view(q.shape)
+
+    def dequantized(self) -> Tensor:
+        return self.rows(torch.arange(self.weight.shape[0], device=self.weight.device))
+
+
+class Int8Embedding(nn.Module):
+    """Rows of an `Int8Table` (shared with the tied head's rescoring)."""
+
+    def __init__(self, table: Int8Table, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.dtype = dtype
-        self.weight, self.scales = table.weight, table.scales
+        self.table = table
+
+    @property
+    def weight(self) -> Tensor:
+        return self.table.weight
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.weight[tokens].to(self.dtype) * self.scales[tokens, None].to(self.dtype)
+        return self.table.rows(tokens, self.dtype)
+
+
+class RescoredHead(nn.Module):
+    """The output head: every logit from a per-row int8 copy on the fast kernel (`fast`), then each
+    row's `candidates` highest recomputed from the grouped table (`table`, in fp32). Greedy choices,
+    top logprobs and the head of the sampling distribution are then those of the grouped table
+    whenever its top token is among the fast copy's `candidates` best (the two differ by about a
+    logit at most on the default model); the tail keeps the fast copy's logits."""
+
+    def __init__(self, fast: Int8Linear, table: Int8Table, bias: Tensor | None = None,
+                 candidates: int = HEAD_CANDIDATES, chunk_rows: int = 256):
+        super().__init__()
+        self.fast, self.table = fast, table
+        self.register_buffer("bias", bias)
+        self.candidates = min(candidates, table.weight.shape[0])
+        self.chunk_rows = chunk_rows  # rescoring gathers rows x candidates x dim floats at a time
+
+    @classmethod
+    def quantize(cls, weight: Tensor, bias: Tensor | None = None, table: Int8Table | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> RescoredHead:
+        """From a float (vocab, dim) weight; `table` when the grouped copy exists already (tied)."""
+        return cls(Int8Linear.quantize(weight, compute_dtype=compute_dtype),
+                   table if table is not None else Int8Table.quantize(weight), bias)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.table.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.fast(x)
+        if self.bias is not None:
+            logits = logits + self.bias
+        flat, rows = logits.view(-1, logits.shape[-1]), x.reshape(-1, x.shape[-1]).float()
+        for start in range(0, flat.shape[0], self.chunk_rows):
+            part = flat[start:start + self.chunk_rows]
+            index = part.topk(self.candidates, dim=-1, sorted=False).indices  # (n, candidates)
+            exact = (self.table.rows(index) @ rows[start:start + len(part), :, None])[..., 0]
+            if self.bias is not None:
+                exact = exact + self.bias[index]
+            part.scatter_(-1, index, exact.to(part.dtype))
+        return logits
 
 
 class Int4Linear(nn.Module):

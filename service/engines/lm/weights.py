@@ -9,11 +9,13 @@ Precision (`dtype`): fp32 or bf16 dense weights, or weight-only int8 / int4 line
 (service/engines/lm/quantized.py). For int4, GGUF Q4_0/Q4_1 blocks become int4 groups as they are
 (same integers, scales and mins); every other tensor is rounded to nearest from its float values.
 The int8 kernel takes one scale per output row, so Q8_0's per-32 scales cannot be kept: int8 is
-rounded from the dequantised values too. The token embedding (and the tied head) is int8 in both.
+rounded from the dequantised values too. The token embedding is int8 in groups of 32 in both (Q8_0
+kept exactly), and the head reads the same table to recompute its top logits (quantized.py).
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import importlib.util
 import json
@@ -32,16 +34,18 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from service.engines.lm.model import Linear, ModelConfig, Transformer
-from service.engines.lm.quantized import INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear
+from service.engines.lm.quantized import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, Int8Table,
+                                          RescoredHead)
 from service.config import KV_DTYPES, LM_DTYPES
 from service.engines.lm.tokenizer import Tokenizer
 from service.errors import InvalidArgument, NotFound
 
 
 DTYPES = LM_DTYPES
-# What `auto` serves on CPU. On the 2-core AVX2 machine of loadtest/results/quantized.json only fp32
-# meets the accuracy target (int8's top-1 agreement is under 98%) and it is also the fastest at 16
-# streams (oneDNN-packed sgemm against kernels whose bf16 arithmetic is emulated without AVX-512).
+# What `auto` serves on CPU. On the 2-core AVX2 machine of loadtest/results/quantized.json fp32 is the
+# fastest at 16 streams and in prefill (oneDNN-packed sgemm against kernels whose bf16 arithmetic is
+# emulated without AVX-512); int4 (the GGUF's Q4_1 blocks, head rescored from its Q8_0 table) keeps
+# 99% of fp32's greedy choices and is faster for one stream in a third of the memory.
 AUTO_DTYPE = "fp32"
 
 
@@ -165,23 +169,37 @@ def build_model(config: ModelConfig, get: TensorSource, device: torch.device | s
         raise InvalidArgument(f"checkpoint has no tensor {missing}", field="model") from None
     modules = _quantized_modules(config, state, dtype) if dtype in ("int8", "int4") else {}
     float_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    dense = {name: _dense(value).to(device=device, dtype=float_dtype).contiguous() for name, value in state.items()}
+    dense = {name: _owned(_dense(value).to(device=device, dtype=float_dtype).contiguous(), value)
+             for name, value in state.items()}
     return Transformer.from_state_dict(config, dense, modules)
+
+
+def _owned(tensor: Tensor, source: Tensor | Int4Groups | None) -> Tensor:
+    """`tensor`, copied if it still shares memory with `source`: safetensors tensors are views of
+    the memory-mapped file, and one kept tensor keeps the whole mapping (every page read while
+    loading) resident for the life of the model."""
+    if isinstance(source, Tensor) and tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        return tensor.clone()
+    return tensor
 
 
 def _quantized_modules(config: ModelConfig, state: dict[str, Tensor | Int4Groups], dtype: str) -> dict[str, nn.Module]:
     """Replace every linear layer and the embedding in `state` (popping their tensors) by int8 /
     int4 modules. int4 needs out % 16 == 0 and in % group == 0 (the kernel's layout); layers that
-    do not fit are int8."""
+    do not fit are int8. The embedding is an int8 table in groups of 32 (GGUF Q8_0's form) and the
+    head a `RescoredHead` over it (tied) or over its own table."""
     with torch.device("meta"):
         linears = [name for name, module in Transformer(config).named_modules() if isinstance(module, Linear)]
     modules: dict[str, nn.Module] = {}
-    embedding = Int8Linear.quantize(_dense(state.pop("tok_embeddings.weight")))
+    embedding = _dense(state.pop("tok_embeddings.weight"))
+    table = Int8Table.quantize(embedding)
     for name in linears:
         bias = state.pop(f"{name}.bias", None)
-        if name == "output" and config.tied_head:
-            embedding.bias = bias
-            modules[name] = embedding
+        bias = None if bias is None else bias.float().clone()  # not a view of a memory-mapped file (_owned)
+        if name == "output":
+            tied = config.tied_head
+            weight = embedding if tied else _dense(state.pop(f"{name}.weight"))
+            modules[name] = RescoredHead.quantize(weight, bias, table if tied else None)
             continue
         weight = state.pop(f"{name}.weight")
         out_features, in_features = weight.q.shape if isinstance(weight, Int4Groups) else weight.shape
@@ -191,7 +209,7 @@ def _quantized_modules(config: ModelConfig, state: dict[str, Tensor | Int4Groups
             modules[name] = Int4Linear(weight.q, weight.scales, weight.mins, bias)
         else:
             modules[name] = Int4Linear.quantize(weight.float(), bias)
-    modules["tok_embeddings"] = Int8Embedding(embedding)
+    modules["tok_embeddings"] = Int8Embedding(table)
     return modules
 
 
@@ -375,7 +393,18 @@ def load_model(path: Path | str, device: torch.device | str = "cpu", dtype: str 
         model = build_model(config_from_hf(hf_config), _safetensors_source(path), device, dtype)
         tokenizer = _hf_tokenizer(path, hf_config)
     model.cache_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(kv_dtype)
+    release_free_memory()
     return model, tokenizer
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim): loading frees
+    several times the weights' size in temporaries (dequantised tensors, rounding), which glibc
+    otherwise keeps in the process's RSS. A no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_weights(path: Path | str, device: torch.device | str = "cpu",
