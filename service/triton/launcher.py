@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from service.banks.shards import REPLICA_ENV
+from service.config import KV_DTYPES, LM_DTYPES
 
 log = logging.getLogger("amserve.triton")
 
@@ -348,6 +349,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replica", metavar="INDEX/COUNT",
                         help="this replica's place in the gateway's --triton-url list: of sharded banks it serves "
                              f"the shards placed there (also {REPLICA_ENV}; default: every shard)")
+    parser.add_argument("--dtype", choices=LM_DTYPES,
+                        help="the llm model's weights (also AMSERVE_DTYPE; default: the exported config's)")
+    parser.add_argument("--kv-dtype", choices=KV_DTYPES,
+                        help="the llm model's KV cache (also AMSERVE_KV_DTYPE; default: the exported config's)")
+
+
+def triton_environment(args: argparse.Namespace) -> dict[str, str]:
+    """What the models read from the environment, from `amserve triton`'s options (the llm model
+    takes AMSERVE_DTYPE / AMSERVE_KV_DTYPE over its exported parameters)."""
+    env = {REPLICA_ENV: args.replica} if args.replica else {}
+    if args.dtype:
+        env["AMSERVE_DTYPE"] = args.dtype
+    if args.kv_dtype:
+        env["AMSERVE_KV_DTYPE"] = args.kv_dtype
+    return env
 
 
 def run(args: argparse.Namespace) -> int:
@@ -355,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
     server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, address=args.address, data_dir=args.data_dir,
                           log_path=args.log_file, startup_timeout=args.startup_timeout,
-                          env={REPLICA_ENV: args.replica} if args.replica else None)
+                          env=triton_environment(args))
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from service.api.pb import amserve_pb2 as pb
+from service.engines.lm import load_model
 from service.engines.lm.tokenizer import Tokenizer
 from service.triton.spec import LLM
-from tests.harness import ROOT
+from tests.harness import ROOT, ServerProcess
 
 openai = pytest.importorskip("openai")
 
@@ -214,3 +215,34 @@ def test_openapi_documents_chat(client):
     route = document["paths"]["/v1/chat/completions"]["post"]
     assert set(route["responses"]) >= {"200", "400", "404", "413", "422", "429"}
     assert "text/event-stream" in route["responses"]["200"]["content"]
+
+
+def test_int8_weights_serve_the_same_greedy_tokens_over_triton_as_embedded(tmp_path):
+    """`--dtype int8 --kv-dtype bf16` reaches Triton's llm model (the gateway hands them to the Triton
+    it starts): completions answer the embedded backend's int8 tokens and logprobs, and those are not
+    the fp32 model's (scored here, in-process, on the same tokens)."""
+    prompts = ["The capital of France is", "One, two, three,"]
+    options = ["--dtype", "int8", "--kv-dtype", "bf16"]
+    answers = {}
+    for backend in ("embedded", "triton"):
+        (tmp_path / backend).mkdir()
+        with ServerProcess(tmp_path / backend, backend=backend, extra_args=options) as server, \
+                openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as api:
+            answers[backend] = api.completions.create(model=MODEL, prompt=prompts, max_tokens=16, temperature=0,
+                                                      logprobs=1, extra_body={"ignore_eos": True})
+    embedded, triton = answers["embedded"].choices, answers["triton"].choices
+    assert [c.text for c in triton] == [c.text for c in embedded] and all(c.text for c in triton)
+    for ours, theirs in zip(triton, embedded):
+        assert ours.logprobs.tokens == theirs.logprobs.tokens
+        assert ours.logprobs.token_logprobs == pytest.approx(theirs.logprobs.token_logprobs, abs=1e-3)
+
+    fp32, tokenizer = load_model(WEIGHTS, dtype="fp32")
+    differences = []
+    for prompt, choice in zip(prompts, triton):
+        ids = tokenizer.encode(prompt)
+        generated = tokenizer.encode(prompt + choice.text)[len(ids):]  # the same ids: the texts re-tokenise alike
+        assert [tokenizer.decode([i]) for i in generated] == choice.logprobs.tokens
+        logprobs = torch.log_softmax(fp32(torch.tensor([ids + generated]))[0, len(ids) - 1:-1], dim=-1)
+        expected = logprobs.gather(1, torch.tensor(generated)[:, None])[:, 0]
+        differences += (expected - torch.tensor(choice.logprobs.token_logprobs)).abs().tolist()
+    assert max(differences) > 1e-2  # int8 served, not fp32
