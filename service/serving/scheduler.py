@@ -29,6 +29,8 @@ from service.errors import InvalidArgument, Overloaded, Unavailable
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("stop", "length", "cancelled", "deadline", "error")
+# Prompt tokens prefilled in one forward pass: its attention mask is this squared (booleans).
+PREFILL_BATCH_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -233,32 +235,64 @@ class Scheduler:
             self._retire(sequence, "cancelled")
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
-        started, logits = [], []
-        for sequence in admitted:
-            prompt = torch.tensor(sequence.prompt_ids, device=self.model.device)
-            echo = sequence.params.echo
+        """Prefill the admitted requests into the next free slots and sample their first tokens.
+        Those without echo run together (`Transformer.prefill_many`, up to PREFILL_BATCH_TOKENS
+        tokens a pass): arriving at once, they would otherwise each pay a pass over every weight
+        before the first of them gets its first token."""
+        started: list[_Sequence] = []
+        logits: list[torch.Tensor] = []
+        together = [s for s in admitted if not s.params.echo and s.params.max_tokens > 0]
+        for group in _token_bounded_groups(together, PREFILL_BATCH_TOKENS):
+            if len(group) == 1:
+                self._prefill_one(group[0], started, logits)
+                continue
+            first_slot = len(self._running)
             try:
-                last = self.model.prefill(prompt, slot=len(self._running), every_position=echo)
-                if echo:
-                    last = self._echo(sequence, last)
-            except Exception as error:  # e.g. out of memory on a long prompt: fails that request only
-                log.exception("prefill failed for request %d", sequence.handle.id)
-                self._finish(sequence, "error", error=str(error))
+                last = self.model.prefill_many(
+                    [torch.tensor(s.prompt_ids, device=self.model.device) for s in group],
+                    range(first_slot, first_slot + len(group)))
+            except Exception:  # e.g. out of memory: each on its own, so that only what fails fails
+                log.exception("batched prefill of %d requests failed, prefilling them one by one", len(group))
+                for sequence in group:
+                    self._prefill_one(sequence, started, logits)
                 continue
-            with self._lock:
-                self._prompt_tokens += len(sequence.prompt_ids)
-            if sequence.finished:  # its consumer went away at the prompt event
-                continue
-            if sequence.params.max_tokens == 0:  # scoring the prompt only: nothing to sample
-                self._finish(sequence, "length")
-                continue
-            sequence.length = len(sequence.prompt_ids)
-            started.append(sequence)
-            logits.append(last)
-            with self._lock:
-                self._running.append(sequence)
+            for sequence, row in zip(group, last):
+                self._started(sequence, row, started, logits)
+        batched = {id(s) for s in together}
+        for sequence in admitted:
+            if id(sequence) not in batched:
+                self._prefill_one(sequence, started, logits)
         if started:
             self._sample_and_emit(started, torch.stack(logits))
+
+    def _prefill_one(self, sequence: _Sequence, started: list[_Sequence], logits: list[torch.Tensor]) -> None:
+        prompt = torch.tensor(sequence.prompt_ids, device=self.model.device)
+        echo = sequence.params.echo
+        try:
+            last = self.model.prefill(prompt, slot=len(self._running), every_position=echo)
+            if echo:
+                last = self._echo(sequence, last)
+        except Exception as error:  # e.g. out of memory on a long prompt: fails that request only
+            log.exception("prefill failed for request %d", sequence.handle.id)
+            self._finish(sequence, "error", error=str(error))
+            return
+        self._started(sequence, last, started, logits)
+
+    def _started(self, sequence: _Sequence, last: torch.Tensor, started: list[_Sequence],
+                 logits: list[torch.Tensor]) -> None:
+        """A prefilled request takes the next slot (its cache is there), unless it is done already."""
+        with self._lock:
+            self._prompt_tokens += len(sequence.prompt_ids)
+        if sequence.finished:  # its consumer went away at the prompt event
+            return
+        if sequence.params.max_tokens == 0:  # scoring the prompt only: nothing to sample
+            self._finish(sequence, "length")
+            return
+        sequence.length = len(sequence.prompt_ids)
+        started.append(sequence)
+        logits.append(last)
+        with self._lock:
+            self._running.append(sequence)
 
     def _echo(self, sequence: _Sequence, every_position: torch.Tensor) -> torch.Tensor:
         """Emit the prompt event; -> the last position's logits, from which the first token is sampled."""
@@ -332,6 +366,20 @@ class Scheduler:
             tail += sequence.stop.flush()
         usage = Usage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=sequence.generated)
         self._emit(sequence, FinishEvent(sequence.handle.id, reason, usage, tail, error))
+
+
+def _token_bounded_groups(sequences: list[_Sequence], limit: int) -> list[list[_Sequence]]:
+    """Consecutive groups of at most `limit` prompt tokens (a longer prompt is a group of its own)."""
+    groups: list[list[_Sequence]] = []
+    tokens = limit
+    for sequence in sequences:
+        n = len(sequence.prompt_ids)
+        if tokens + n > limit:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(sequence)
+        tokens += n
+    return groups
 
 
 def _expired(sequence: _Sequence) -> bool:

@@ -85,6 +85,25 @@ def test_batched_decode_over_slots_of_different_lengths(pair, slots):
             torch.testing.assert_close(logits[row], want[position], atol=ATOL, rtol=0)
 
 
+def test_prompts_prefilled_together_decode_as_each_alone(pair):
+    """prefill_many: one pass over several prompts, each into its own slot, then decode as usual."""
+    hf, ours, _ = pair
+    gen = torch.Generator().manual_seed(4)
+    sequences = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (10, 30, 5)]
+    prompt_lengths, slots = [6, 25, 1], [1, 3, 0]
+    expected = [hf_logits(hf, s[None])[0] for s in sequences]
+    ours.setup_cache(max_batch=4, max_context=32)
+    last = ours.prefill_many([s[:n] for s, n in zip(sequences, prompt_lengths)], slots)
+    for row, (want, length) in enumerate(zip(expected, prompt_lengths)):
+        torch.testing.assert_close(last[row], want[length - 1], atol=ATOL, rtol=0)
+    for step in range(4):
+        positions = [length + step for length in prompt_lengths]
+        tokens = torch.stack([s[p] for s, p in zip(sequences, positions)])
+        logits = ours.decode(tokens, slots, positions)
+        for row, (want, position) in enumerate(zip(expected, positions)):
+            torch.testing.assert_close(logits[row], want[position], atol=ATOL, rtol=0)
+
+
 def greedy_with_cache(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> list[int]:
     model.setup_cache(max_batch=1, max_context=len(prompt) + new_tokens)
     logits, out = model.prefill(prompt, slot=0), []

@@ -117,6 +117,25 @@ def test_batched_results_equal_each_request_alone(make_scheduler, model, tokeniz
     assert stats.generated_tokens == sum(lengths)
 
 
+def test_requests_arriving_together_are_prefilled_in_one_pass(make_scheduler, model, tokenizer, monkeypatch):
+    passes = []
+    real_prefill_many = model.prefill_many
+
+    def prefill_many(prompts, slots):
+        passes.append([p.tolist() for p in prompts])
+        return real_prefill_many(prompts, slots)
+
+    monkeypatch.setattr(model, "prefill_many", prefill_many)
+    scheduler = make_scheduler(max_batch_size=4)
+    log = EventLog()
+    with scheduler._lock:  # the scheduler admits all three at its next step
+        handles = [scheduler.submit(GenerationRequest(p, GREEDY), log) for p in PROMPTS[:3]]
+    log.wait(*handles)
+    assert passes == [[tokenizer.encode(p) for p in PROMPTS[:3]]]
+    for handle, prompt in zip(handles, PROMPTS):
+        assert log.tokens(handle) == alone(model, tokenizer.encode(prompt), GREEDY.max_tokens)
+
+
 def test_new_request_starts_before_running_ones_finish(make_scheduler, model, tokenizer):
     scheduler = make_scheduler(max_batch_size=4)
     log = EventLog()
@@ -247,11 +266,19 @@ def test_failed_prefill_fails_only_its_request(make_scheduler, model, tokenizer,
             raise RuntimeError("out of memory")
         return real_prefill(tokens, slot, every_position)
 
+    def prefill_many(prompts: list[torch.Tensor], slots) -> torch.Tensor:
+        if any(p.tolist() == [11, 11, 11] for p in prompts):  # then each is prefilled on its own
+            raise RuntimeError("out of memory")
+        return real_prefill_many(prompts, slots)
+
+    real_prefill_many = model.prefill_many
     monkeypatch.setattr(model, "prefill", prefill)
+    monkeypatch.setattr(model, "prefill_many", prefill_many)
     scheduler = make_scheduler()
     log = EventLog()
-    failing = scheduler.submit(GenerationRequest([11, 11, 11], GREEDY), log)
-    healthy = scheduler.submit(GenerationRequest(PROMPTS[0], GREEDY), log)
+    with scheduler._lock:  # admitted in the same step: prefilled together, then (failing that) alone
+        failing = scheduler.submit(GenerationRequest([11, 11, 11], GREEDY), log)
+        healthy = scheduler.submit(GenerationRequest(PROMPTS[0], GREEDY), log)
     log.wait(failing, healthy)
     assert log.finish(failing).finish_reason == "error" and "out of memory" in log.finish(failing).error
     assert log.tokens(healthy) == alone(model, tokenizer.encode(PROMPTS[0]), GREEDY.max_tokens)

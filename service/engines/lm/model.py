@@ -6,8 +6,9 @@ Llama: RoPE (rotate-half convention, as in HF), RMSNorm, SwiGLU, grouped-query a
 The KV cache holds up to `max_batch` independent slots of up to `max_context` positions each
 (grown on demand), so that continuous batching can run one decode forward over sequences of
 different lengths:
-`prefill(tokens, slot)` fills a slot from position 0, `decode(tokens, slots, positions)` appends
-one token to each listed slot and attends each over its own prefix.
+`prefill(tokens, slot)` fills a slot from position 0 (`prefill_many` several at once),
+`decode(tokens, slots, positions)` appends one token to each listed slot and attends each over its
+own prefix.
 
 Speed on CPU: a decode step is a chain of skinny matrix products (1..max_batch rows against every
 weight), for which PyTorch's default fp32 path (MKL sgemm) is slow; `setup_cache` therefore also
@@ -185,6 +186,16 @@ class _DecodeBatch:
     mask: Tensor | None  # (B, 1, 1, kv_len) additive: -inf past positions[b]; None when nothing is masked
 
 
+@dataclass
+class _PrefillBatch:
+    """Several prompts run as one sequence of their tokens (`Transformer.prefill_many`): where each
+    token's keys and values go in the cache, and which tokens each may attend to."""
+
+    cache: KVCache
+    rows: Tensor  # (tokens * kv_heads,): cache rows, as _DecodeBatch.rows, token-major
+    mask: Tensor  # (tokens, tokens) bool: True where a token sees another (same prompt, not later)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -196,7 +207,7 @@ class Attention(nn.Module):
         self.wo = Linear(self.n_heads * self.head_dim, config.dim, bias=bias)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, layer: int,
-                prefill: tuple[KVCache, int] | None = None, decode: _DecodeBatch | None = None,
+                prefill: tuple[KVCache, int] | _PrefillBatch | None = None, decode: _DecodeBatch | None = None,
                 weights: list[Tensor] | None = None) -> Tensor:
         """With `weights` (a list, without cache), the causal softmax weights (B, n_heads, T, T) are
         appended to it and the output computed from them rather than by the fused kernel."""
@@ -209,6 +220,12 @@ class Attention(nn.Module):
 
         if decode is not None:
             y = self._decode_attention(q, k, v, layer, decode)  # (B, 1, n_heads, head_dim)
+        elif isinstance(prefill, _PrefillBatch):
+            for cache, new in ((prefill.cache.k[layer], k), (prefill.cache.v[layer], v)):
+                cache.view(-1, self.head_dim).index_copy_(0, prefill.rows, new.reshape(-1, self.head_dim).to(cache.dtype))
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=prefill.mask,
+                                               enable_gqa=self.n_kv_heads != self.n_heads).transpose(1, 2)
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if prefill is not None:
@@ -288,7 +305,7 @@ class Block(nn.Module):
         self.ffn = GeluMLP(config) if config.arch == "gpt2" else SwiGLU(config)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
-                prefill: tuple[KVCache, int] | None = None, decode: _DecodeBatch | None = None,
+                prefill: tuple[KVCache, int] | _PrefillBatch | None = None, decode: _DecodeBatch | None = None,
                 weights: list[Tensor] | None = None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), rope, self.layer, prefill, decode, weights)
         return x + self.ffn(self.ffn_norm(x))
@@ -391,6 +408,33 @@ class Transformer(nn.Module):
         for block in self.layers:
             x = block(x, rope, prefill=(self.cache, slot))
         return self.output(self.norm(x[0] if every_position else x[0, -1])).float()
+
+    @torch.inference_mode()
+    def prefill_many(self, prompts: Sequence[Tensor], slots: Sequence[int]) -> Tensor:
+        """`prefill` of several prompts (each (T_i,)) into their slots, in one forward pass over all
+        their tokens: each token attends to its own prompt only, so every prompt's cache and logits
+        are those of its own prefill (up to the order of float sums), while the matrix products run
+        once with every token's rows. -> the last logits of each prompt, (len(prompts), vocab)."""
+        if self.cache is None:
+            raise RuntimeError("call setup_cache() before prefill_many()")
+        if len(prompts) != len(slots) or not prompts:
+            raise ValueError("one slot per prompt, at least one prompt")
+        device, cache, kv_heads = prompts[0].device, self.cache, self.config.n_kv_heads
+        lengths = [int(p.numel()) for p in prompts]
+        cache.reserve(max(slots) + 1, max(lengths))
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+        prompt = torch.repeat_interleave(torch.arange(len(prompts), device=device),
+                                         torch.tensor(lengths, device=device))
+        slot = torch.tensor(list(slots), device=device)[prompt]
+        heads = torch.arange(kv_heads, device=device)
+        rows = ((slot[:, None] * kv_heads + heads) * cache.positions + positions[:, None]).view(-1)
+        mask = (prompt[:, None] == prompt[None, :]) & (positions[None, :] <= positions[:, None])
+        batch = _PrefillBatch(cache=cache, rows=rows, mask=mask)
+        x, rope = self._embed(torch.cat([p.view(-1) for p in prompts]).view(1, -1), positions.view(1, -1))
+        for block in self.layers:
+            x = block(x, rope, prefill=batch)
+        ends = torch.tensor(lengths, device=device).cumsum(0) - 1
+        return self.output(self.norm(x[0, ends])).float()
 
     @torch.inference_mode()
     def decode(self, tokens: Tensor, slots: Sequence[int], positions: Sequence[int]) -> Tensor:
