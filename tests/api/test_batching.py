@@ -16,8 +16,8 @@ def batch_histogram(metrics_text: str) -> dict[str, float]:
             for sample in metric_samples(metrics_text, "amserve_batch_size_bucket", model="associative_memory")}
 
 
-def test_concurrent_retrieves_form_batches_larger_than_one(server, bank_name, embedded_only):
-    """The gateway's own batcher (embedded backend; Triton's batcher is checked in tests/triton)."""
+def test_concurrent_retrieves_form_batches_larger_than_one(server, bank_name):
+    """The gateway's own batcher, on every backend (Triton's batcher is checked in tests/triton)."""
     rng = np.random.default_rng(5)
     patterns = rng.standard_normal((2000, 128)).astype(np.float32)
     with httpx.Client(base_url=server.url, timeout=60) as c:
