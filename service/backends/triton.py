@@ -377,7 +377,8 @@ class TritonBackend:
             except InvalidArgument:  # against the bank as it is now: it may have been re-created elsewhere
                 info = await self.bank_info(name, min_version)
                 x, mask = checked_queries(BankRecord(info.name, info.kind, info.dim, info.params), queries, clamp)
-            runs = self._sharded_runs if len(info.shards) > 1 else self._runs
+            # A sharded bank over several replicas runs its dynamics here; in one Triton, all of it there.
+            runs = self._sharded_runs if len(info.shards) > 1 and len(self._replicas) > 1 else self._runs
             return await runs.submit((name, options), (info, x, mask, min_version), rows=len(x))
         except ServiceError:  # the bank may have been re-created with other shards: ask again next time
             self._banks.pop(name, None)
