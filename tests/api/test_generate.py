@@ -200,9 +200,19 @@ def test_a_new_request_joins_while_another_is_generating(server):
 
 
 def test_a_long_prompt_is_tokenised_without_stalling_other_requests(server):
-    """One word of 6,000 characters takes the BPE seconds: the gateway answers its probes meanwhile."""
+    """One word of 6,000 characters takes the BPE seconds: the gateway answers its probes meanwhile.
+    Tokenising on the loop would hold one probe for the whole time, on every try; a second try is
+    allowed for a probe the OS scheduler alone delayed on a busy machine."""
     if server.backend == "triton":
         pytest.skip("over Triton the gateway does not tokenise: the llm model does, in Triton's process")
+    for _ in range(2):
+        slowest = probe_latencies_while_tokenising(server)
+        if max(slowest) < 0.1:
+            break
+    assert max(slowest) < 0.1, f"/healthz/live took {max(slowest):.3f} s while a prompt was tokenised"
+
+
+def probe_latencies_while_tokenising(server) -> list[float]:
     slowest, answered, done = [], [], threading.Event()
 
     def generate() -> None:
@@ -225,7 +235,7 @@ def test_a_long_prompt_is_tokenised_without_stalling_other_requests(server):
     thread.join()
     assert answered == [200]
     assert len(slowest) >= 10, "the prompt was tokenised too fast for the check to mean anything"
-    assert max(slowest) < 0.1, f"/healthz/live took {max(slowest):.3f} s while a prompt was tokenised"
+    return slowest
 
 
 def test_a_prompt_over_the_character_limit_is_413_before_tokenising(client):
