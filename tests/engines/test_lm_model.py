@@ -77,12 +77,7 @@ def test_batched_decode_over_slots_of_different_lengths(pair, slots):
     ours.setup_cache(max_batch=4, max_context=32)
     for sequence, slot, length in zip(sequences, slots, prompt_lengths):
         ours.prefill(sequence[:length], slot)
-    for step in range(5):
-        positions = [length + step for length in prompt_lengths]
-        tokens = torch.stack([s[p] for s, p in zip(sequences, positions)])
-        logits = ours.decode(tokens, slots, positions)
-        for row, (want, position) in enumerate(zip(expected, positions)):
-            torch.testing.assert_close(logits[row], want[position], atol=ATOL, rtol=0)
+    assert_decodes_as_hf(ours, sequences, slots, prompt_lengths, expected, steps=5)
 
 
 def test_prompts_prefilled_together_decode_as_each_alone(pair):
@@ -96,12 +91,7 @@ def test_prompts_prefilled_together_decode_as_each_alone(pair):
     last = ours.prefill_many([s[:n] for s, n in zip(sequences, prompt_lengths)], slots)
     for row, (want, length) in enumerate(zip(expected, prompt_lengths)):
         torch.testing.assert_close(last[row], want[length - 1], atol=ATOL, rtol=0)
-    for step in range(4):
-        positions = [length + step for length in prompt_lengths]
-        tokens = torch.stack([s[p] for s, p in zip(sequences, positions)])
-        logits = ours.decode(tokens, slots, positions)
-        for row, (want, position) in enumerate(zip(expected, positions)):
-            torch.testing.assert_close(logits[row], want[position], atol=ATOL, rtol=0)
+    assert_decodes_as_hf(ours, sequences, slots, prompt_lengths, expected, steps=4)
 
 
 def greedy_with_cache(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> list[int]:
@@ -139,3 +129,13 @@ def test_gpt2_directory_without_tokenizer_files_uses_gpt2_vocabulary(pair):
     assert tokenizer.encode("Hello world") == [15496, 995]
     assert tokenizer.eos_token_id == 50256
     assert model.config.tied_head and model.output.weight is model.tok_embeddings.weight
+
+
+def assert_decodes_as_hf(ours, sequences, slots, prompt_lengths, expected, steps: int) -> None:
+    """`steps` decode steps of every slot at once, each token's logits against HF's over its own sequence."""
+    for step in range(steps):
+        positions = [length + step for length in prompt_lengths]
+        tokens = torch.stack([s[p] for s, p in zip(sequences, positions)])
+        logits = ours.decode(tokens, slots, positions)
+        for row, (want, position) in enumerate(zip(expected, positions)):
+            torch.testing.assert_close(logits[row], want[position], atol=ATOL, rtol=0)
