@@ -94,11 +94,6 @@ def parse_inputs(prompt: np.ndarray | None, params: np.ndarray | None) -> Genera
     return ExplanationRequest(prompt_of(kind, prompt_text(prompt)), SamplingParams(**values), options)
 
 
-def parse_request(prompt: np.ndarray | None, params: np.ndarray | None) -> GenerationRequest:
-    """The scheduler's request from the two inputs; InvalidArgument naming the field otherwise."""
-    return generation_request(prompt_text(prompt), params_object(params))
-
-
 def prompt_text(prompt: np.ndarray | None) -> str:
     if prompt is None:
         raise InvalidArgument("prompt is required", field="prompt")

@@ -14,7 +14,7 @@ import pytest
 from service.engines.lm import SamplingParams, load_model
 from service.errors import InvalidArgument, Overloaded
 from service.serving.scheduler import Scheduler
-from service.triton.llm import TextGeneration, decode_event, parse_request, request_arrays
+from service.triton.llm import TextGeneration, decode_event, parse_inputs, request_arrays
 from tests.triton.fixtures import TEST_LM_CONTEXT, write_test_lm
 
 
@@ -69,14 +69,14 @@ def inputs(prompt: str, params: SamplingParams, timeout: float | None = None) ->
 
 def test_parameters_round_trip_and_bad_ones_name_their_field():
     params = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, top_p=0.9, seed=11, stop=("a", "b"), logprobs=2)
-    parsed = parse_request(*inputs("héllo \ud800", params, timeout=2.5).values())
+    parsed = parse_inputs(*inputs("héllo \ud800", params, timeout=2.5).values())
     assert parsed.prompt == "héllo \ud800" and parsed.params == params
     assert 0 < parsed.deadline - time.monotonic() <= 2.5
-    assert parse_request(*inputs("x", SamplingParams()).values()).deadline is None
+    assert parse_inputs(*inputs("x", SamplingParams()).values()).deadline is None
 
     def refused(params_json: str) -> str:
         with pytest.raises(InvalidArgument) as info:
-            parse_request(np.array([b"x"], dtype=object), np.array([params_json.encode()], dtype=object))
+            parse_inputs(np.array([b"x"], dtype=object), np.array([params_json.encode()], dtype=object))
         return info.value.field
 
     assert refused('{"temperature": -1}') == "temperature"
