@@ -65,7 +65,8 @@ class Operations:
         return schemas.BankList(banks=[visible(b) for b in mine])
 
     async def get_bank(self, tenant: str | None, bank: str) -> BankInfo:
-        return visible(await self.backend.bank_info(qualified(tenant, bank)))
+        name = qualified(tenant, bank)
+        return visible(await self.backend.bank_info(name, self._writes.version(name)))
 
     async def fidelity(self, tenant: str | None, bank: str, sample_size: int, noise: float) -> Fidelity:
         return await self.backend.bank_fidelity(qualified(tenant, bank), sample_size, noise)

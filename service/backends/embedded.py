@@ -201,7 +201,8 @@ class EmbeddedBackend:
     async def list_banks(self) -> list[BankInfo]:
         return self.registry.list()
 
-    async def bank_info(self, name: str) -> BankInfo:
+    async def bank_info(self, name: str, min_version: int = 0) -> BankInfo:
+        await self._at_version(name, min_version)
         return self.registry.info(name)
 
     async def delete_bank(self, name: str) -> None:
@@ -215,12 +216,16 @@ class EmbeddedBackend:
 
     async def run_memory(self, name: str, queries: np.ndarray, clamp: np.ndarray | None,
                          options: DynamicsOptions, min_version: int = 0) -> MemoryResults:
-        if min_version and (name not in self.registry or self.registry.version(name) < min_version):
-            await asyncio.get_running_loop().run_in_executor(
-                self._sync_thread, self.registry.at_version, name, min_version, MAX_LAG_WAIT_S)
+        await self._at_version(name, min_version)
         part = self.registry.check_queries(name, queries, clamp)  # a bad request fails alone, not its batch
         return await self.batcher.submit((name, options.steps, options.step_size, options.tolerance,
                                           options.trace, options.explain), part, rows=len(queries))
+
+    async def _at_version(self, name: str, min_version: int) -> None:
+        """Catch the bank up from a shared store, off the event loop, when it is behind `min_version`."""
+        if min_version and (name not in self.registry or self.registry.version(name) < min_version):
+            await asyncio.get_running_loop().run_in_executor(
+                self._sync_thread, self.registry.at_version, name, min_version, MAX_LAG_WAIT_S)
 
     def _run_batch(self, key: tuple, parts: list) -> list[MemoryResults]:
         name = key[0]

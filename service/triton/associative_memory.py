@@ -161,8 +161,9 @@ class AssociativeMemory:
                     min_version = args.pop("min_version", 0)
                     if isinstance(min_version, bool) or not isinstance(min_version, int) or min_version < 0:
                         raise InvalidArgument("min_version must be an integer >= 0", field="min_version")
-                    if min_version:  # catch up from the store now; a replica still behind answers 503
-                        self.registry.at_version(bank, min_version)
+                    # Catch up from the store now (a bank created since the last sync is adopted); a
+                    # replica still behind min_version answers 503.
+                    self.registry.at_version(bank, min_version)
                 if op in ("run", "partial"):
                     key = ("run", bank, _options(args)) if op == "run" else ("partial", bank, *_shard(args))
                     queries, clamp = self.registry.check_queries(bank, vectors, inputs["CLAMP"] if op == "run" else None)

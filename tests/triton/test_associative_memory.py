@@ -11,7 +11,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.backends.triton import service_error
 from service.banks.registry import BankRegistry, DynamicsOptions, MemoryResults
-from service.banks.store import SQLiteStore
+from service.banks.store import SQLiteStore, open_store
 from service.errors import (
     AlreadyExists,
     Conflict,
@@ -136,6 +136,20 @@ def test_requests_see_the_effects_of_earlier_ones_in_the_batch(registry, pattern
     assert results(answers[2]).nearest == ["x"]
     assert json.loads(answers[3]["RESULT"][0]) == {}
     assert isinstance(answers[4], NotFound) and isinstance(answers[5], NotFound)
+
+
+def test_a_replica_answers_bank_info_for_writes_its_follower_has_not_applied(postgres_dsn, patterns):
+    """Over a shared store, `info` adopts a bank created elsewhere since the last sync, and with
+    min_version catches it up first: a gateway reads back at once the writes it just made."""
+    writer = BankRegistry(open_store(postgres_dsn))
+    replica = AssociativeMemory(BankRegistry(open_store(postgres_dsn)))  # no follower runs: it never syncs alone
+    writer.create("late", "modern", DIM, {"beta": 4.0})
+    [created] = replica.execute([request("info", "late")])
+    assert json.loads(created["RESULT"][0])["count"] == 0
+    _, _, version = writer.store_patterns("late", patterns, [f"p{i}" for i in range(len(patterns))])
+    stale, current = replica.execute([request("info", "late"), request("info", "late", {"min_version": version})])
+    assert json.loads(stale["RESULT"][0])["version"] == 0
+    assert (json.loads(current["RESULT"][0])["version"], json.loads(current["RESULT"][0])["count"]) == (version, 5)
 
 
 @pytest.mark.parametrize("options", [{"trace": True}, {"explain": True}])
