@@ -14,3 +14,5 @@ def test_a_bank_created_again_reads_at_once(client, bank_name):
     r = client.post(f"/v1/banks/{bank_name}/retrieve", json={"queries": [[0.9, 0.1]]})
     assert r.status_code == 200, r.text
     assert r.json()["results"][0]["nearest"]["id"] == "a"
+    info = client.get(f"/v1/banks/{bank_name}").json()
+    assert (info["version"], info["count"]) == (1, 1)
