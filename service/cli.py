@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import sys
@@ -106,11 +107,33 @@ def _delegate(module: str, path: list[str], commands, help: str, argv: list[str]
     return p
 
 
+# glibc's malloc serves blocks above its mmap threshold (128 KiB at first) from fresh pages, and gives
+# freed heap above its trim threshold back: an engine call's temporaries (a batch × bank matrix is
+# megabytes) then page-fault in anew on every call.
+MMAP_THRESHOLD = 64 << 20
+TRIM_THRESHOLD = 128 << 20
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
+
+
+def _tune_process() -> None:
+    """Settings that must precede torch's first allocations, here and in the processes this one starts
+    (Triton and its model processes inherit the environment)."""
+    # OpenMP's workers would spin after every parallel region, on the cores the event loop (and
+    # Triton's model processes) need between engine calls.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("GLIBC_TUNABLES", f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:"
+                                            f"glibc.malloc.trim_threshold={TRIM_THRESHOLD}")
+    try:  # this process started before the variable was set
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # Before torch loads OpenMP: its workers would spin after every parallel region, on the cores the
-    # event loop (and Triton's model processes, which inherit this) need between engine calls.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _tune_process()
     parser = argparse.ArgumentParser(prog="amserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"amserve {__version__}")
     parser.add_argument("--log-level", default="WARNING")
