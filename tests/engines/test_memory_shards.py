@@ -65,13 +65,22 @@ def test_a_sharded_bank_retrieves_what_the_unsharded_bank_retrieves(bank, trace)
     note(f"{kind} dim={dim} count={len(patterns)} shards={shards} beta={beta} owner={owner}")
     expected = whole.run(queries, clamp=clamp, trace=trace)
     got = front.run(queries, clamp=clamp, trace=trace)
+    # The float32 noise floor: the same bank unsharded, its patterns in reverse order, sums its softmax in
+    # another order. A descent that passes near a saddle amplifies that rounding (seen: 2.4e-5 after 20
+    # steps), and the merge may move it as much, no more.
+    reversed_bank = make_engine(kind, dim, params)
+    reversed_bank.add(patterns.flip(0))
+    floor = reversed_bank.run(queries, clamp=clamp, trace=trace)
+    amplified = 4 * (floor.states - expected.states).abs().max().item()
+    tolerance = max(1e-5, amplified)
 
-    assert torch.equal(got.steps, expected.steps)
-    assert torch.equal(got.converged, expected.converged)
-    torch.testing.assert_close(got.states, expected.states, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.energy, expected.energy, rtol=1e-5, atol=1e-5)
-    if trace:
-        torch.testing.assert_close(got.trace, expected.trace, rtol=1e-5, atol=1e-5, equal_nan=True)
+    if torch.equal(floor.steps, expected.steps):  # else the step count itself is decided by rounding
+        assert torch.equal(got.steps, expected.steps)
+        assert torch.equal(got.converged, expected.converged)
+    torch.testing.assert_close(got.states, expected.states, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got.energy, expected.energy, rtol=1e-5, atol=tolerance)
+    if trace and torch.equal(floor.steps, expected.steps):
+        torch.testing.assert_close(got.trace, expected.trace, rtol=1e-5, atol=tolerance, equal_nan=True)
     if clamp is not None:
         assert torch.equal(got.states[clamp], queries[clamp])
     # The same pattern, or one exactly as similar (patterns stored twice, or every pattern of a sign in 1-D).
@@ -81,7 +90,7 @@ def test_a_sharded_bank_retrieves_what_the_unsharded_bank_retrieves(bank, trace)
     assert torch.allclose(cosines.gather(1, found[:, None])[:, 0], best, rtol=0, atol=1e-6)
     unique = (cosines >= best[:, None] - 1e-6).sum(dim=-1) == 1
     assert torch.equal(found[unique], expected.nearest[unique])
-    torch.testing.assert_close(got.similarity, expected.similarity, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.similarity, expected.similarity, rtol=1e-5, atol=max(1e-6, amplified))
 
 
 @pytest.mark.parametrize("kind", ["modern", "rbf"])

@@ -9,7 +9,7 @@ import subprocess
 
 from tests.conftest import SESSION_MARKER, leftovers
 from tests.harness import ServerProcess
-from tests.helpers import processes_with_environment, running
+from tests.helpers import processes_with_environment, running, wait_until
 from tests.triton.fixtures import MEMORY_ONLY, export_for_tests
 
 
@@ -32,7 +32,8 @@ def test_the_run_finds_a_process_a_test_left_behind():
     session = os.environ[SESSION_MARKER]
     forgotten = subprocess.Popen(["sleep", "60"])
     try:
-        assert forgotten.pid in leftovers(session, services_before=set())
+        # Popen returns once the exec has begun; the new program's environment shows in /proc a moment later.
+        assert wait_until(lambda: forgotten.pid in leftovers(session, services_before=set()), timeout=5)
         assert forgotten.pid in processes_with_environment(SESSION_MARKER, session)
     finally:
         forgotten.kill()
