@@ -15,10 +15,11 @@ own dynamic batcher).
 The Python client shares the cores with the server and measures itself too, so REST is also driven by
 wrk (a compiled client; `apt-get install wrk`), 64 connections, one query per request, as JSON floats
 and as base64 ("encoding_format": "base64"); each wrk rate is divided by the engine's own rate at the
-batch size the server formed during that run (loadtest/results/retrieve_wrk.json).
+batch size the server formed during that run; every wrk cell and its engine figure is the median of
+`--rounds` rounds, taken in turn (loadtest/results/retrieve_wrk.json).
 
     python loadtest/bench_retrieve.py [--seconds 4] [--clients 1,8,64] [--banks small,large,drdam]
-                                      [--backends embedded,triton] [--only wrk]
+                                      [--backends embedded,triton] [--only wrk] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import base64
 import json
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -132,25 +134,37 @@ def run_wrk(server: ServerProcess, bank: str, encoding_format: str, seconds: flo
     return {**cell, "mean_batch_rows": (after[0] - before[0]) / calls if calls else None}
 
 
-def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: BankRegistry, seconds: float) -> list:
+def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: BankRegistry, seconds: float,
+              rounds: int) -> list:
+    """Each cell `rounds` times in turn (a round of every cell, then the next): the medians, and each round's rps."""
+    runs: dict[tuple, list[dict]] = {}
+    for _ in range(rounds):
+        for backend in backends:
+            extra = ["--max-batch-size", "64", "--max-queue-size", "4096", "--max-in-flight", "4096", "--model", "none"]
+            with ServerProcess(work / "data", backend=backend, extra_args=extra) as server:
+                for bank in bank_names:
+                    for encoding_format in ("float", "base64"):
+                        cell = run_wrk(server, bank, encoding_format, seconds, work)
+                        runs.setdefault((bank, backend, encoding_format), []).append(cell)
     cells = []
-    for backend in backends:
-        extra = ["--max-batch-size", "64", "--max-queue-size", "4096", "--max-in-flight", "4096", "--model", "none"]
-        with ServerProcess(work / "data", backend=backend, extra_args=extra) as server:
-            for bank in bank_names:
-                for encoding_format in ("float", "base64"):
-                    cell = run_wrk(server, bank, encoding_format, seconds, work)
-                    cell.update(bank=bank, backend=backend, encoding_format=encoding_format)
-                    cells.append(cell)
+    for (bank, backend, encoding_format), measured in runs.items():
+        batches = [c["mean_batch_rows"] for c in measured if c["mean_batch_rows"]]
+        cells.append({"rps": statistics.median(c["rps"] for c in measured),
+                      "p50_ms": statistics.median(c["p50_ms"] for c in measured),
+                      "non_2xx": sum(c["non_2xx"] for c in measured),
+                      "mean_batch_rows": statistics.median(batches) if batches else None,
+                      "rounds_rps": [c["rps"] for c in measured],
+                      "bank": bank, "backend": backend, "encoding_format": encoding_format})
     # The engine alone at each run's batch size (the gateway's batches, over Triton too), after the
     # servers are gone (they would share the cores).
     formed = {(c["bank"], c["encoding_format"]): c["mean_batch_rows"] for c in cells if c["mean_batch_rows"]}
     for cell in cells:
         batch = max(1, round(cell["mean_batch_rows"] or formed.get((cell["bank"], cell["encoding_format"]), 1)))
-        engine = run_raw(registry, cell["bank"], queries_for(cell["bank"]), batch, seconds)
-        cell.update(engine_qps=engine["throughput_qps"], rest_over_engine=cell["rps"] / engine["throughput_qps"])
+        engine_qps = statistics.median(run_raw(registry, cell["bank"], queries_for(cell["bank"]), batch,
+                                               seconds)["throughput_qps"] for _ in range(rounds))
+        cell.update(engine_qps=engine_qps, rest_over_engine=cell["rps"] / engine_qps)
         print(f"wrk {cell['bank']:6} {cell['backend']:8} {cell['encoding_format']:6} {cell['rps']:8.1f} req/s "
-              f"batch≈{batch:3}  engine {engine['throughput_qps']:8.1f} q/s  ratio {cell['rest_over_engine']:.2f}",
+              f"batch≈{batch:3}  engine {engine_qps:8.1f} q/s  ratio {cell['rest_over_engine']:.2f}",
               flush=True)
     return cells
 
@@ -162,6 +176,7 @@ def main() -> int:
     parser.add_argument("--banks", default="small,large,drdam")
     parser.add_argument("--backends", default="embedded,triton", help="triton adds REST/gRPC via Triton")
     parser.add_argument("--only", choices=["wrk"], help="only the wrk runs (and the engine alone beside them)")
+    parser.add_argument("--rounds", type=int, default=3, help="wrk rounds per cell (medians are reported)")
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest/results/retrieve.json")
     args = parser.parse_args()
     clients_list = [int(c) for c in args.clients.split(",")]
@@ -178,7 +193,9 @@ def main() -> int:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install wrk (make bench installs it)")
     wrk_results = {**results, "connections": WRK_CONNECTIONS,
-                   "cells": wrk_cells(work, [b for b in bank_names if b != "drdam"], backends, registry, args.seconds)}
+                   "rounds": args.rounds,
+                   "cells": wrk_cells(work, [b for b in bank_names if b != "drdam"], backends, registry, args.seconds,
+                                      args.rounds)}
     write_results(args.out.with_name("retrieve_wrk.json"), wrk_results)
     if args.only == "wrk":
         return 0
