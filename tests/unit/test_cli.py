@@ -67,17 +67,20 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+def python(code: str, *args: str) -> str:
+    """`code`'s standard output, run in a fresh interpreter whose environment has no GLIBC_TUNABLES."""
+    env = {name: value for name, value in os.environ.items() if name != "GLIBC_TUNABLES"}
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, env=env,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
 def test_amserve_keeps_freed_megabyte_blocks_for_reuse():
     """An engine call's temporaries (megabytes) reuse freed heap rather than page-faulting fresh memory in
     each time; the processes amserve starts are told the same (GLIBC_TUNABLES)."""
-    faults = {}
-    for mode in ("plain", "tuned"):
-        run = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_REPEATED_ALLOCATIONS, mode], capture_output=True,
-                             text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
-        assert run.returncode == 0, run.stderr
-        faults[mode] = int(run.stdout)
+    faults = {mode: int(python(PAGE_FAULTS_OF_REPEATED_ALLOCATIONS, mode)) for mode in ("plain", "tuned")}
     assert faults["plain"] > 20 * 1000 and faults["tuned"] < 200, faults
-    shown = subprocess.run([sys.executable, "-c", "import os; from service.cli import _tune_process; _tune_process();"
-                            "print(os.environ['GLIBC_TUNABLES'])"], capture_output=True, text=True, timeout=60,
-                           env={k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
-    assert "glibc.malloc.mmap_threshold=67108864" in shown.stdout, shown.stderr
+    shown = python("import os\nfrom service.cli import _tune_process\n"
+                   "_tune_process()\nprint(os.environ['GLIBC_TUNABLES'])")
+    assert "glibc.malloc.mmap_threshold=67108864" in shown
