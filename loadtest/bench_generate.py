@@ -58,7 +58,6 @@ TARGETS = {"single_stream_ours_over_hf": 2.5, "concurrent_ours_over_hf_static": 
            "concurrent_ours_over_gemm_roofline": 0.5}
 
 
-
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

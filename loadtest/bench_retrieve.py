@@ -149,8 +149,9 @@ def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: 
     cells = []
     for (bank, backend, encoding_format), measured in runs.items():
         batches = [c["mean_batch_rows"] for c in measured if c["mean_batch_rows"]]
+        p50s = [c["p50_ms"] for c in measured if c["p50_ms"] is not None]  # None when wrk printed no percentile
         cells.append({"rps": statistics.median(c["rps"] for c in measured),
-                      "p50_ms": statistics.median(c["p50_ms"] for c in measured),
+                      "p50_ms": statistics.median(p50s) if p50s else None,
                       "non_2xx": sum(c["non_2xx"] for c in measured),
                       "mean_batch_rows": statistics.median(batches) if batches else None,
                       "rounds_rps": [c["rps"] for c in measured],
