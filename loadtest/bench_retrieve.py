@@ -4,9 +4,15 @@ Banks (built straight into the data dir through the registry, so set-up does not
   small  modern D=64,  K=10k  — per-request HTTP cost dominates
   large  modern D=256, K=100k — ~100 MB; one query is a memory-bound pass, a batch is one GEMM
   drdam  drdam  D=64,  K=10k, Y=4096 sincos features
+  tiny   modern D=64,  K=16   — wrk only: the engine's share is negligible, so its rate is the gateway's own
 
 "Raw engine" calls the bank's engine in-process with the batch sizes the server's batcher formed in the
-matching run (read from its /metrics), so the ratio REST / raw shows what the gateway costs.
+matching run (read from its /metrics), so the ratio REST / raw shows what the gateway costs. It calls it
+from a worker thread with the server's malloc settings, as the embedded server calls it: libgomp lets
+OpenMP workers spin between parallel regions only while a process has no more OpenMP threads than cores,
+and a team started from a thread other than the first one exceeds that on two cores. The wrk cells also
+report the engine called from this process's first thread (spinning workers, a rate no server process
+with an event loop has on two cores) and the ratios against it.
 Every figure is measured in this one run; results go to loadtest/results/retrieve.json.
 
 Via Triton: the same REST/gRPC requests with `--backend triton` (the gateway's batches, then Triton's
@@ -34,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -48,6 +55,7 @@ from service.api.pb import amserve_pb2 as pb  # noqa: E402
 from service.api.pb import amserve_pb2_grpc as pb_grpc  # noqa: E402
 from service.banks.store import SQLiteStore  # noqa: E402
 from service.banks.registry import BankRegistry, DynamicsOptions  # noqa: E402
+from service.cli import tune_process  # noqa: E402
 from tests.harness import ServerProcess  # noqa: E402
 from loadtest.common import WRK_SCRIPT, batch_rows, wrk, wrk_result, write_results  # noqa: E402
 from loadtest.load import drive  # noqa: E402
@@ -56,9 +64,12 @@ BANKS = {
     "small": {"kind": "modern", "dim": 64, "count": 10_000, "params": {"beta": 1.0}},
     "large": {"kind": "modern", "dim": 256, "count": 100_000, "params": {"beta": 1.0}},
     "drdam": {"kind": "drdam", "dim": 64, "count": 10_000, "params": {"beta": 1.0, "features": 4096, "seed": 7}},
+    "tiny": {"kind": "modern", "dim": 64, "count": 16, "params": {"beta": 1.0}},
 }
 STEPS = 3  # fixed work per query, so every configuration does the same arithmetic
 WRK_CONNECTIONS = 64
+# The engine called as the embedded server calls it: from one long-lived worker thread.
+ENGINE_THREAD = ThreadPoolExecutor(1, thread_name_prefix="engine")
 
 
 def build_banks(data_dir: Path, names: list[str]) -> None:
@@ -101,8 +112,12 @@ async def run_grpc(server: ServerProcess, bank: str, queries: np.ndarray, client
         return await drive(call, clients, seconds)
 
 
-def run_raw(registry: BankRegistry, bank: str, queries: np.ndarray, batch: int, seconds: float) -> dict:
-    """The engine alone, in-process, at a given batch size: queries per second."""
+def run_raw(registry: BankRegistry, bank: str, queries: np.ndarray, batch: int, seconds: float,
+            in_engine_thread: bool = True) -> dict:
+    """The engine alone, in-process, at a given batch size: queries per second. From a worker thread as
+    the server calls it, unless `in_engine_thread` is false (then from the calling thread)."""
+    if in_engine_thread:
+        return ENGINE_THREAD.submit(run_raw, registry, bank, queries, batch, seconds, False).result()
     parts = [registry.check_queries(bank, queries[i:i + 1], None) for i in range(batch)]
     options = DynamicsOptions(steps=STEPS)
     registry.run_batch(bank, parts, options)  # warm-up
@@ -159,14 +174,21 @@ def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: 
     # The engine alone at each run's batch size (the gateway's batches, over Triton too), after the
     # servers are gone (they would share the cores).
     formed = {(c["bank"], c["encoding_format"]): c["mean_batch_rows"] for c in cells if c["mean_batch_rows"]}
-    for cell in cells:
-        batch = max(1, round(cell["mean_batch_rows"] or formed.get((cell["bank"], cell["encoding_format"]), 1)))
-        engine_qps = statistics.median(run_raw(registry, cell["bank"], queries_for(cell["bank"]), batch,
-                                               seconds)["throughput_qps"] for _ in range(rounds))
-        cell.update(engine_qps=engine_qps, rest_over_engine=cell["rps"] / engine_qps)
+    batches = [max(1, round(c["mean_batch_rows"] or formed.get((c["bank"], c["encoding_format"]), 1))) for c in cells]
+
+    def engine_qps(cell: dict, batch: int, in_engine_thread: bool) -> float:
+        return statistics.median(run_raw(registry, cell["bank"], queries_for(cell["bank"]), batch, seconds,
+                                         in_engine_thread)["throughput_qps"] for _ in range(rounds))
+    # First-thread figures first: once a second thread has started an OpenMP team, libgomp throttles the
+    # spinning of every team in the process, the first thread's too.
+    main_thread = [engine_qps(cell, batch, False) for cell, batch in zip(cells, batches)]
+    for cell, batch, main_thread_qps in zip(cells, batches, main_thread):
+        served_qps = engine_qps(cell, batch, True)
+        cell.update(engine_qps=served_qps, rest_over_engine=cell["rps"] / served_qps,
+                    engine_qps_main_thread=main_thread_qps, rest_over_engine_main_thread=cell["rps"] / main_thread_qps)
         print(f"wrk {cell['bank']:6} {cell['backend']:8} {cell['encoding_format']:6} {cell['rps']:8.1f} req/s "
-              f"batch≈{batch:3}  engine {engine_qps:8.1f} q/s  ratio {cell['rest_over_engine']:.2f}",
-              flush=True)
+              f"batch≈{batch:3}  engine {served_qps:8.1f} q/s (first thread {main_thread_qps:8.1f})  "
+              f"ratio {cell['rest_over_engine']:.2f} ({cell['rest_over_engine_main_thread']:.2f})", flush=True)
     return cells
 
 
@@ -180,12 +202,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="wrk rounds per cell (medians are reported)")
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest/results/retrieve.json")
     args = parser.parse_args()
+    tune_process()  # the servers' malloc settings here too (they also reach the servers this starts)
     clients_list = [int(c) for c in args.clients.split(",")]
     bank_names = args.banks.split(",")
 
     work = Path(tempfile.mkdtemp(prefix="amserve-bench-"))
     print(f"building banks {bank_names} in {work} ...", flush=True)
-    build_banks(work / "data", bank_names)
+    wrk_banks = list(dict.fromkeys([b for b in bank_names if b != "drdam"] + ["tiny"]))
+    build_banks(work / "data", list(dict.fromkeys(bank_names + wrk_banks)))
     registry = BankRegistry(SQLiteStore(work / "data"))  # for the raw-engine runs (read-only use)
     results: dict = {"machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
                                  "torch": torch.__version__}, "steps": STEPS, "seconds": args.seconds, "cells": []}
@@ -195,8 +219,7 @@ def main() -> int:
         raise SystemExit("wrk is missing: apt-get install wrk (make bench installs it)")
     wrk_results = {**results, "connections": WRK_CONNECTIONS,
                    "rounds": args.rounds,
-                   "cells": wrk_cells(work, [b for b in bank_names if b != "drdam"], backends, registry, args.seconds,
-                                      args.rounds)}
+                   "cells": wrk_cells(work, wrk_banks, backends, registry, args.seconds, args.rounds)}
     write_results(args.out.with_name("retrieve_wrk.json"), wrk_results)
     if args.only == "wrk":
         return 0

@@ -115,7 +115,7 @@ TRIM_THRESHOLD = 128 << 20
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 
 
-def _tune_process() -> None:
+def tune_process() -> None:
     """Settings that must precede torch's first allocations, here and in the processes this one starts
     (Triton and its model processes inherit the environment)."""
     # OpenMP's workers would spin after every parallel region, on the cores the event loop (and
@@ -133,7 +133,7 @@ def _tune_process() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _tune_process()
+    tune_process()
     parser = argparse.ArgumentParser(prog="amserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"amserve {__version__}")
     parser.add_argument("--log-level", default="WARNING")

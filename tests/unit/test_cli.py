@@ -52,8 +52,8 @@ PAGE_FAULTS_OF_REPEATED_ALLOCATIONS = """
 import resource, sys
 import numpy as np
 if sys.argv[1] == "tuned":
-    from service.cli import _tune_process
-    _tune_process()
+    from service.cli import tune_process
+    tune_process()
 
 def engine_call():  # several megabyte temporaries alive at once, then all freed, as a batch's are
     return [np.ones(160_000) for _ in range(8)]
@@ -81,6 +81,6 @@ def test_amserve_keeps_freed_megabyte_blocks_for_reuse():
     each time; the processes amserve starts are told the same (GLIBC_TUNABLES)."""
     faults = {mode: int(python(PAGE_FAULTS_OF_REPEATED_ALLOCATIONS, mode)) for mode in ("plain", "tuned")}
     assert faults["plain"] > 20 * 1000 and faults["tuned"] < 200, faults
-    shown = python("import os\nfrom service.cli import _tune_process\n"
-                   "_tune_process()\nprint(os.environ['GLIBC_TUNABLES'])")
+    shown = python("import os\nfrom service.cli import tune_process\n"
+                   "tune_process()\nprint(os.environ['GLIBC_TUNABLES'])")
     assert "glibc.malloc.mmap_threshold=67108864" in shown
