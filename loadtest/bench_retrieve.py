@@ -11,8 +11,9 @@ matching run (read from its /metrics), so the ratio REST / raw shows what the ga
 from a worker thread with the server's malloc settings, as the embedded server calls it: libgomp lets
 OpenMP workers spin between parallel regions only while a process has no more OpenMP threads than cores,
 and a team started from a thread other than the first one exceeds that on two cores. The wrk cells also
-report the engine called from this process's first thread (spinning workers, a rate no server process
-with an event loop has on two cores) and the ratios against it.
+report the engine called from this process's first thread before any worker thread ran it (OpenMP's
+default wait policy: spinning workers, a rate no server process with an event loop has on two cores),
+and the ratios against it.
 Every figure is measured in this one run; results go to loadtest/results/retrieve.json.
 
 Via Triton: the same REST/gRPC requests with `--backend triton` (the gateway's batches, then Triton's
