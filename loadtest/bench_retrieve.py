@@ -175,15 +175,16 @@ def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: 
     # The engine alone at each run's batch size (the gateway's batches, over Triton too), after the
     # servers are gone (they would share the cores).
     formed = {(c["bank"], c["encoding_format"]): c["mean_batch_rows"] for c in cells if c["mean_batch_rows"]}
-    batches = [max(1, round(c["mean_batch_rows"] or formed.get((c["bank"], c["encoding_format"]), 1))) for c in cells]
+    engine_batches = [max(1, round(c["mean_batch_rows"] or formed.get((c["bank"], c["encoding_format"]), 1)))
+                      for c in cells]
 
     def engine_qps(cell: dict, batch: int, in_engine_thread: bool) -> float:
         return statistics.median(run_raw(registry, cell["bank"], queries_for(cell["bank"]), batch, seconds,
                                          in_engine_thread)["throughput_qps"] for _ in range(rounds))
     # First-thread figures first: once a second thread has started an OpenMP team, libgomp throttles the
     # spinning of every team in the process, the first thread's too.
-    main_thread = [engine_qps(cell, batch, False) for cell, batch in zip(cells, batches)]
-    for cell, batch, main_thread_qps in zip(cells, batches, main_thread):
+    main_thread = [engine_qps(cell, batch, False) for cell, batch in zip(cells, engine_batches)]
+    for cell, batch, main_thread_qps in zip(cells, engine_batches, main_thread):
         served_qps = engine_qps(cell, batch, True)
         cell.update(engine_qps=served_qps, rest_over_engine=cell["rps"] / served_qps,
                     engine_qps_main_thread=main_thread_qps, rest_over_engine_main_thread=cell["rps"] / main_thread_qps)
