@@ -65,13 +65,16 @@ def test_a_sharded_bank_retrieves_what_the_unsharded_bank_retrieves(bank, trace)
     note(f"{kind} dim={dim} count={len(patterns)} shards={shards} beta={beta} owner={owner}")
     expected = whole.run(queries, clamp=clamp, trace=trace)
     got = front.run(queries, clamp=clamp, trace=trace)
-    # The float32 noise floor: the same bank unsharded, its patterns in reverse order, sums its softmax in
-    # another order. A descent that passes near a saddle amplifies that rounding (seen: 2.4e-5 after 20
-    # steps), and the merge may move it as much, no more.
+    # The float32 noise floor: the same bank unsharded, its patterns in reverse order (its softmax summed in
+    # another order), and with its queries one ulp larger. A descent that passes near a saddle amplifies that
+    # rounding (seen: 2.4e-5 in the states after 20 steps; 1.8e-5 in a trace entry from one ulp of the
+    # queries, whose final states moved 2e-7), and the merge may move it as much, no more.
     reversed_bank = make_engine(kind, dim, params)
     reversed_bank.add(patterns.flip(0))
     floor = reversed_bank.run(queries, clamp=clamp, trace=trace)
-    amplified = 4 * (floor.states - expected.states).abs().max().item()
+    nudged = whole.run(queries * (1 + 2**-23), clamp=clamp, trace=trace)
+    floors = [floor] + ([nudged] if torch.equal(nudged.steps, expected.steps) else [])
+    amplified = 4 * max((f.states - expected.states).abs().max().item() for f in floors)
     tolerance = max(1e-5, amplified)
 
     if torch.equal(floor.steps, expected.steps):  # else the step count itself is decided by rounding
@@ -80,7 +83,9 @@ def test_a_sharded_bank_retrieves_what_the_unsharded_bank_retrieves(bank, trace)
     torch.testing.assert_close(got.states, expected.states, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(got.energy, expected.energy, rtol=1e-5, atol=tolerance)
     if trace and torch.equal(floor.steps, expected.steps):
-        torch.testing.assert_close(got.trace, expected.trace, rtol=1e-5, atol=tolerance, equal_nan=True)
+        trace_floor = 4 * max((f.trace - expected.trace).nan_to_num().abs().max().item() for f in floors)
+        torch.testing.assert_close(got.trace, expected.trace, rtol=1e-5, atol=max(tolerance, trace_floor),
+                                   equal_nan=True)
     if clamp is not None:
         assert torch.equal(got.states[clamp], queries[clamp])
     # The same pattern, or one exactly as similar (patterns stored twice, or every pattern of a sign in 1-D).
