@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from http import HTTPStatus
 from typing import Annotated
 
@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
 
@@ -27,7 +27,7 @@ from service import __version__, errors, metrics
 from service.api import docs, explorer, schemas
 from service.api.auth import ApiKeys
 from service.api.errors import MalformedBody, MethodNotAllowed, from_validation
-from service.api.middleware import AdmissionLimit, BodyLimit, Measured, error_response
+from service.api.middleware import AdmissionLimit, BodyLimit, Measured, MemoryFastPath, error_response
 from service.api.operations import Operations
 from service.banks.registry import BANK_NAME, BankInfo, Fidelity
 
@@ -115,44 +115,14 @@ Ops = Annotated[Operations, Depends(operations)]
 Caller = Annotated[str | None, Depends(caller)]
 
 
-class MemoryRoute(APIRoute):
-    """A data-plane route (store, retrieve, complete: `endpoint(bank, body, ops, tenant)`) whose arguments
-    come straight from the request: the body parsed by pydantic-core from its JSON bytes in one pass, the
-    tenant and the operations without FastAPI's per-request dependency solving, which costs more than a
-    small bank's whole retrieval. Whatever this path would not take as it is (another content type, a
-    bad bank name, a body that does not validate) goes to FastAPI's own handler, so every error is the
-    one any route answers. The declaration is FastAPI's as usual and writes the OpenAPI document."""
-
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        fastapi_handler = super().get_route_handler()
-        [body_param] = self.dependant.body_params
-        parameters = {param.name for param in self.dependant.path_params + self.dependant.body_params}
-        parameters |= {dependency.name for dependency in self.dependant.dependencies}
-        if parameters != {"bank", body_param.name, "ops", "tenant"}:
-            raise TypeError(f"{self.path}: a MemoryRoute endpoint takes (bank, body, ops, tenant), not {parameters}")
-        body_model, body_name, endpoint = body_param.field_info.annotation, body_param.name, self.endpoint
-
-        async def handler(request: Request) -> Response:
-            bank = request.path_params["bank"]
-            media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-            if media_type != "application/json" or not BANK_NAME.fullmatch(bank):
-                return await fastapi_handler(request)
-            tenant = tenant_of(request)  # 401 before the body is looked at, as FastAPI's dependencies do
-            try:
-                body = body_model.model_validate_json(await request.body())
-            except ValidationError:
-                return await fastapi_handler(request)  # the body is kept: FastAPI reads it again
-            return await endpoint(bank=bank, ops=request.app.state.operations, tenant=tenant, **{body_name: body})
-        return handler
-
-
 # ----- routes ---------------------------------------------------------------------------------
 
 # Every route past the probes needs a key (with keys) and is shed under overload.
 GUARDED = answers(401, 503)
 probes = APIRouter(tags=["probes"])
 banks = APIRouter(prefix="/v1/banks", responses=GUARDED)
-memory = APIRouter(prefix="/v1/banks", responses=GUARDED, route_class=MemoryRoute)
+# Answered by service.api.middleware.MemoryFastPath; declared here for FastAPI's fallback and the document.
+memory = APIRouter(prefix="/v1/banks", responses=GUARDED)
 models = APIRouter(tags=["models"], responses=GUARDED)
 generation = APIRouter(tags=["generate"], responses=GUARDED)
 
@@ -382,6 +352,7 @@ def create_app(ops: Operations, *, max_body_bytes: int = 64 * 1024 * 1024, api_k
     app.add_exception_handler(errors.ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_middleware(MemoryFastPath, routes=memory.routes)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(Measured)
     app.add_middleware(AdmissionLimit, max_in_flight=max_in_flight)  # outermost: sheds before any work
