@@ -11,9 +11,9 @@ matching run (read from its /metrics), so the ratio REST / raw shows what the ga
 from a worker thread with the server's malloc settings, as the embedded server calls it: libgomp lets
 OpenMP workers spin between parallel regions only while a process has no more OpenMP threads than cores,
 and a team started from a thread other than the first one exceeds that on two cores. The wrk cells also
-report the engine called from this process's first thread before any worker thread ran it (OpenMP's
-default wait policy: spinning workers, a rate no server process with an event loop has on two cores),
-and the ratios against it.
+report the engine called from the first thread of a fresh process of its own (OpenMP's default wait
+policy: spinning workers, a rate no server process with an event loop has on two cores), and the ratios
+against it.
 Every figure is measured in this one run; results go to loadtest/results/retrieve.json.
 
 Via Triton: the same REST/gRPC requests with `--backend triton` (the gateway's batches, then Triton's
@@ -22,8 +22,10 @@ own dynamic batcher).
 The Python client shares the cores with the server and measures itself too, so REST is also driven by
 wrk (a compiled client; `apt-get install wrk`), 64 connections, one query per request, as JSON floats
 and as base64 ("encoding_format": "base64"); each wrk rate is divided by the engine's own rate at the
-batch size the server formed during that run; every wrk cell and its engine figure is the median of
-`--rounds` rounds, taken in turn (loadtest/results/retrieve_wrk.json).
+batch size the server formed during that run, measured right after it while the server idles (rounds
+differ by up to a third on a shared machine, so each round's ratio has both figures from the same
+minute); every wrk cell is run `--rounds` times in turn and reports the medians of its rates and of its
+rounds' ratios (loadtest/results/retrieve_wrk.json).
 
     python loadtest/bench_retrieve.py [--seconds 4] [--clients 1,8,64] [--banks small,large,drdam]
                                       [--backends embedded,triton] [--only wrk] [--rounds 3]
@@ -35,13 +37,15 @@ import argparse
 import asyncio
 import base64
 import json
+import multiprocessing
+import os
 import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -150,9 +154,31 @@ def run_wrk(server: ServerProcess, bank: str, encoding_format: str, seconds: flo
     return {**cell, "mean_batch_rows": (after[0] - before[0]) / calls if calls else None}
 
 
+def first_thread_qps(data_dir: Path, bank: str, batch: int, seconds: float, rounds: int) -> float:
+    """The engine alone from a fresh process's first thread, no other thread having run a team in it:
+    run in a process of its own (`first_thread_engine`)."""
+    tune_process()
+    registry = BankRegistry(SQLiteStore(data_dir))
+    return statistics.median(run_raw(registry, bank, queries_for(bank), batch, seconds, in_engine_thread=False)
+                             ["throughput_qps"] for _ in range(rounds))
+
+
+def first_thread_engine(data_dir: Path, bank: str, batch: int, seconds: float, rounds: int) -> float:
+    # OpenMP's default wait policy there: the servers' PASSIVE (inherited) would stop the spinning this shows.
+    wait_policy = os.environ.pop("OMP_WAIT_POLICY", None)
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
+            return process.submit(first_thread_qps, data_dir, bank, batch, seconds, rounds).result()
+    finally:
+        if wait_policy is not None:
+            os.environ["OMP_WAIT_POLICY"] = wait_policy
+
+
 def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: BankRegistry, seconds: float,
               rounds: int) -> list:
-    """Each cell `rounds` times in turn (a round of every cell, then the next): the medians, and each round's rps."""
+    """Each cell `rounds` times in turn (a round of every cell, then the next), each wrk run followed at
+    once by the engine alone at the batch size it formed (the server idle meanwhile), so that a round's
+    ratio has both figures from the same minute of this shared machine: the medians, and each round's."""
     runs: dict[tuple, list[dict]] = {}
     for _ in range(rounds):
         for backend in backends:
@@ -161,36 +187,37 @@ def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: 
                 for bank in bank_names:
                     for encoding_format in ("float", "base64"):
                         cell = run_wrk(server, bank, encoding_format, seconds, work)
+                        cell["batch"] = max(1, round(cell["mean_batch_rows"] or 1))
+                        cell["engine_qps"] = run_raw(registry, bank, queries_for(bank), cell["batch"],
+                                                     seconds)["throughput_qps"]
                         runs.setdefault((bank, backend, encoding_format), []).append(cell)
     cells = []
     for (bank, backend, encoding_format), measured in runs.items():
         batches = [c["mean_batch_rows"] for c in measured if c["mean_batch_rows"]]
         p50s = [c["p50_ms"] for c in measured if c["p50_ms"] is not None]  # None when wrk printed no percentile
+        ratios = [c["rps"] / c["engine_qps"] for c in measured]
         cells.append({"rps": statistics.median(c["rps"] for c in measured),
                       "p50_ms": statistics.median(p50s) if p50s else None,
                       "non_2xx": sum(c["non_2xx"] for c in measured),
                       "mean_batch_rows": statistics.median(batches) if batches else None,
+                      "engine_qps": statistics.median(c["engine_qps"] for c in measured),
+                      "rest_over_engine": statistics.median(ratios),
                       "rounds_rps": [c["rps"] for c in measured],
+                      "rounds_engine_qps": [c["engine_qps"] for c in measured],
+                      "rounds_rest_over_engine": ratios,
                       "bank": bank, "backend": backend, "encoding_format": encoding_format})
-    # The engine alone at each run's batch size (the gateway's batches, over Triton too), after the
-    # servers are gone (they would share the cores).
-    formed = {(c["bank"], c["encoding_format"]): c["mean_batch_rows"] for c in cells if c["mean_batch_rows"]}
-    engine_batches = [max(1, round(c["mean_batch_rows"] or formed.get((c["bank"], c["encoding_format"]), 1)))
-                      for c in cells]
-
-    def engine_qps(cell: dict, batch: int, in_engine_thread: bool) -> float:
-        return statistics.median(run_raw(registry, cell["bank"], queries_for(cell["bank"]), batch, seconds,
-                                         in_engine_thread)["throughput_qps"] for _ in range(rounds))
-    # First-thread figures first: once a second thread has started an OpenMP team, libgomp throttles the
-    # spinning of every team in the process, the first thread's too.
-    main_thread = [engine_qps(cell, batch, False) for cell, batch in zip(cells, engine_batches)]
-    for cell, batch, main_thread_qps in zip(cells, engine_batches, main_thread):
-        served_qps = engine_qps(cell, batch, True)
-        cell.update(engine_qps=served_qps, rest_over_engine=cell["rps"] / served_qps,
-                    engine_qps_main_thread=main_thread_qps, rest_over_engine_main_thread=cell["rps"] / main_thread_qps)
+    # The first-thread figure, once per bank and batch size (cells that did the same work share it).
+    main_thread: dict[tuple, float] = {}
+    for cell in cells:
+        work_item = (cell["bank"], max(1, round(cell["mean_batch_rows"] or 1)))
+        if work_item not in main_thread:
+            main_thread[work_item] = first_thread_engine(work / "data", *work_item, seconds, rounds)
+        cell.update(engine_qps_main_thread=main_thread[work_item],
+                    rest_over_engine_main_thread=cell["rps"] / main_thread[work_item])
         print(f"wrk {cell['bank']:6} {cell['backend']:8} {cell['encoding_format']:6} {cell['rps']:8.1f} req/s "
-              f"batch≈{batch:3}  engine {served_qps:8.1f} q/s (first thread {main_thread_qps:8.1f})  "
-              f"ratio {cell['rest_over_engine']:.2f} ({cell['rest_over_engine_main_thread']:.2f})", flush=True)
+              f"batch≈{work_item[1]:3}  engine {cell['engine_qps']:8.1f} q/s (first thread {main_thread[work_item]:8.1f})  "
+              f"ratio {cell['rest_over_engine']:.2f} ({cell['rest_over_engine_main_thread']:.2f})  "
+              f"rounds {' '.join(f'{r:.2f}' for r in cell['rounds_rest_over_engine'])}", flush=True)
     return cells
 
 
