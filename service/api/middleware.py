@@ -182,7 +182,7 @@ class MemoryFastPath:
                 break
         else:
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
+        headers = dict(reversed(list(scope["headers"])))  # the first of a repeated header counts, as in Starlette
         media_type = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
         bank = match["bank"]
         if media_type != b"application/json" or not BANK_NAME.fullmatch(bank):

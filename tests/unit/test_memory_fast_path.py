@@ -89,3 +89,14 @@ def test_service_errors_and_missing_keys_answer_in_the_envelope_without_the_rout
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert [(call[0], call[1], call[2]) for call in ops.calls] == [("retrieve", "acme", "gone")]
     assert router_calls == []
+
+
+def test_the_first_of_repeated_headers_counts_as_in_fastapi(router_calls):
+    ops = RecordingOperations()
+    app = create_app(ops, api_keys=ApiKeys({key_hash(KEY): "acme"}))
+    with TestClient(app) as client:
+        answer = client.post("/v1/banks/notes/retrieve", content=b'{"queries": [[1.0]]}', headers=[
+            ("content-type", "text/plain"), ("content-type", "application/json"),
+            ("authorization", f"Bearer {KEY}"), ("authorization", "Bearer ams_other")])
+    assert answer.status_code == 422 and answer.json()["error"]["field"] == "body"
+    assert router_calls == ["/v1/banks/notes/retrieve"] and ops.calls == []
