@@ -154,6 +154,11 @@ def run_wrk(server: ServerProcess, bank: str, encoding_format: str, seconds: flo
     return {**cell, "mean_batch_rows": (after[0] - before[0]) / calls if calls else None}
 
 
+def formed_batch(mean_batch_rows: float | None) -> int:
+    """The batch size the engine alone runs for a wrk run that formed batches of `mean_batch_rows`."""
+    return max(1, round(mean_batch_rows or 1))
+
+
 def first_thread_qps(data_dir: Path, bank: str, batch: int, seconds: float, rounds: int) -> float:
     """The engine alone from a fresh process's first thread, no other thread having run a team in it:
     run in a process of its own (`first_thread_engine`)."""
@@ -187,9 +192,8 @@ def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: 
                 for bank in bank_names:
                     for encoding_format in ("float", "base64"):
                         cell = run_wrk(server, bank, encoding_format, seconds, work)
-                        cell["batch"] = max(1, round(cell["mean_batch_rows"] or 1))
-                        cell["engine_qps"] = run_raw(registry, bank, queries_for(bank), cell["batch"],
-                                                     seconds)["throughput_qps"]
+                        cell["engine_qps"] = run_raw(registry, bank, queries_for(bank),
+                                                     formed_batch(cell["mean_batch_rows"]), seconds)["throughput_qps"]
                         runs.setdefault((bank, backend, encoding_format), []).append(cell)
     cells = []
     for (bank, backend, encoding_format), measured in runs.items():
@@ -209,13 +213,14 @@ def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: 
     # The first-thread figure, once per bank and batch size (cells that did the same work share it).
     main_thread: dict[tuple, float] = {}
     for cell in cells:
-        work_item = (cell["bank"], max(1, round(cell["mean_batch_rows"] or 1)))
+        work_item = (cell["bank"], formed_batch(cell["mean_batch_rows"]))
         if work_item not in main_thread:
             main_thread[work_item] = first_thread_engine(work / "data", *work_item, seconds, rounds)
         cell.update(engine_qps_main_thread=main_thread[work_item],
                     rest_over_engine_main_thread=cell["rps"] / main_thread[work_item])
         print(f"wrk {cell['bank']:6} {cell['backend']:8} {cell['encoding_format']:6} {cell['rps']:8.1f} req/s "
-              f"batch≈{work_item[1]:3}  engine {cell['engine_qps']:8.1f} q/s (first thread {main_thread[work_item]:8.1f})  "
+              f"batch≈{work_item[1]:3}  engine {cell['engine_qps']:8.1f} q/s "
+              f"(first thread {main_thread[work_item]:8.1f})  "
               f"ratio {cell['rest_over_engine']:.2f} ({cell['rest_over_engine_main_thread']:.2f})  "
               f"rounds {' '.join(f'{r:.2f}' for r in cell['rounds_rest_over_engine'])}", flush=True)
     return cells

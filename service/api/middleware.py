@@ -34,15 +34,23 @@ def replaying(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def read_body(receive: Receive) -> bytes | None:
-    """The request's whole body; None if the client went away first."""
-    chunks, more = [], True
+def body_too_large(max_bytes: int) -> errors.TooLarge:
+    return errors.TooLarge(f"request body exceeds {max_bytes} bytes", field="body")
+
+
+async def read_body(receive: Receive, max_bytes: int | None = None) -> bytes | None:
+    """The request's whole body; None if the client went away first. Past `max_bytes`, TooLarge as
+    soon as the chunks read exceed it."""
+    chunks, received, more = [], 0, True
     while more:
         message = await receive()
         if message["type"] != "http.request":
             return None
         chunks.append(message.get("body", b""))
+        received += len(chunks[-1])
         more = message.get("more_body", False)
+        if max_bytes is not None and received > max_bytes:
+            raise body_too_large(max_bytes)
     return b"".join(chunks)
 
 
@@ -68,25 +76,19 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._refuse(scope, receive, send)
+            return await self._refuse(body_too_large(self.max_bytes), scope, receive, send)
         if length is not None:
             return await self.app(scope, receive, send)
         # A streamed body: read it here (the app would buffer it anyway) so the limit answers 413.
-        chunks, received, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            received += len(chunks[-1])
-            more = message.get("more_body", False)
-            if received > self.max_bytes:
-                return await self._refuse(scope, receive, send)
-        await self.app(scope, replaying(b"".join(chunks), receive), send)
+        try:
+            body = await read_body(receive, self.max_bytes)
+        except errors.TooLarge as too_large:
+            return await self._refuse(too_large, scope, receive, send)
+        if body is not None:
+            await self.app(scope, replaying(body, receive), send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, too_large: errors.TooLarge, scope: Scope, receive: Receive, send: Send) -> None:
         metrics.REJECTIONS.labels(reason="body_too_large").inc()
-        too_large = errors.TooLarge(f"request body exceeds {self.max_bytes} bytes", field="body")
         await error_response(too_large)(scope, receive, send)
 
 

@@ -344,7 +344,8 @@ def create_app(ops: Operations, *, max_body_bytes: int = 64 * 1024 * 1024, api_k
     app.state.operations = ops
     app.state.api_keys = api_keys
     app.state.protect_metrics = protect_metrics
-    # The hot routes first: a request is matched against the routes in order.
+    # Busiest first: a request is matched against the routes in order (MemoryFastPath answers most
+    # store, retrieve and complete requests before routing; the memory routes take the rest).
     for router in (memory, banks, probes, models, generation, docs.pages, explorer.pages):
         app.include_router(router)
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs_assets")
