@@ -61,7 +61,7 @@ test: setup $(PG_BIN)/initdb /usr/bin/chromium
 	$(BIN)/pytest -q -rs
 
 # Every benchmark, then one report.json with all figures and the plots (loadtest/results/).
-bench: setup $(PG_BIN)/initdb /usr/bin/wrk
+bench: setup model_repository/llm/1/config.json $(PG_BIN)/initdb /usr/bin/wrk
 	$(BIN)/python loadtest/bench_retrieve.py
 	$(BIN)/python loadtest/bench_complete.py
 	$(BIN)/python loadtest/bench_drdam_scaling.py

@@ -43,13 +43,16 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `amserve` sets it (service/cli.py), before torch loads
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.cli import set_openmp_wait  # noqa: E402 - imports no torch
+
+set_openmp_wait()  # as `amserve` does, before torch loads
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TEXT_FILE = ROOT / "loadtest/data/execmodel.txt"
 TEXT_TOKENS = 512

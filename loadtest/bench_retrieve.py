@@ -8,7 +8,7 @@ Banks (built straight into the data dir through the registry, so set-up does not
 
 "Raw engine" calls the bank's engine in-process with the batch sizes the server's batcher formed in the
 matching run (read from its /metrics), so the ratio REST / raw shows what the gateway costs. It calls it
-from a worker thread with the server's malloc settings, as the embedded server calls it: libgomp lets
+from a worker thread with the server's malloc and OpenMP settings, as the embedded server calls it: libgomp lets
 OpenMP workers spin between parallel regions only while a process has no more OpenMP threads than cores,
 and a team started from a thread other than the first one exceeds that on two cores. The wrk cells also
 report the engine called from the first thread of a fresh process of its own (OpenMP's default wait
@@ -51,16 +51,20 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from service.cli import OPENMP_WAIT, set_openmp_wait, tune_process  # noqa: E402 - imports no torch
+
+set_openmp_wait()  # the servers' OpenMP settings for the engine-alone runs too, before torch loads
+
+import torch  # noqa: E402
 
 from service.api.pb import amserve_pb2 as pb  # noqa: E402
 from service.api.pb import amserve_pb2_grpc as pb_grpc  # noqa: E402
 from service.banks.store import SQLiteStore  # noqa: E402
 from service.banks.registry import BankRegistry, DynamicsOptions  # noqa: E402
-from service.cli import tune_process  # noqa: E402
 from tests.harness import ServerProcess  # noqa: E402
 from loadtest.common import WRK_SCRIPT, batch_rows, wrk, wrk_result, write_results  # noqa: E402
 from loadtest.load import drive  # noqa: E402
@@ -169,14 +173,13 @@ def first_thread_qps(data_dir: Path, bank: str, batch: int, seconds: float, roun
 
 
 def first_thread_engine(data_dir: Path, bank: str, batch: int, seconds: float, rounds: int) -> float:
-    # OpenMP's default wait policy there: the servers' PASSIVE (inherited) would stop the spinning this shows.
-    wait_policy = os.environ.pop("OMP_WAIT_POLICY", None)
+    # OpenMP's default wait there: the servers' short spin (inherited) would stop the spinning this shows.
+    servers_wait = {name: os.environ.pop(name) for name in OPENMP_WAIT if name in os.environ}
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
             return process.submit(first_thread_qps, data_dir, bank, batch, seconds, rounds).result()
     finally:
-        if wait_policy is not None:
-            os.environ["OMP_WAIT_POLICY"] = wait_policy
+        os.environ.update(servers_wait)
 
 
 def wrk_cells(work: Path, bank_names: list[str], backends: list[str], registry: BankRegistry, seconds: float,

@@ -22,13 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `amserve` sets it (service/cli.py)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.cli import set_openmp_wait  # noqa: E402 - imports no torch
+
+set_openmp_wait()  # as `amserve` does, before torch loads
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from service.engines.lm import default_gguf_path, load_model
 

@@ -115,12 +115,25 @@ TRIM_THRESHOLD = 128 << 20
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 
 
+# OpenMP's workers spin briefly after a parallel region, then sleep. The gaps between one engine
+# call's regions are microseconds, so they are caught spinning; between calls the loop (and Triton's
+# model processes) get the cores back at once. libgomp's default spins for milliseconds, on the cores
+# the event loop needs; sleeping at once (PASSIVE) costs a wake-up at every region: on a 10k-pattern
+# bank under wrk the short spin served 12 % more requests than PASSIVE (at 16 patterns, where the
+# loop alone is the limit, 17 % fewer).
+OPENMP_WAIT = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "3000"}
+
+
+def set_openmp_wait() -> None:
+    """OPENMP_WAIT, unless set already; before torch loads (libgomp reads them once)."""
+    for name, value in OPENMP_WAIT.items():
+        os.environ.setdefault(name, value)
+
+
 def tune_process() -> None:
     """Settings that must precede torch's first allocations, here and in the processes this one starts
     (Triton and its model processes inherit the environment)."""
-    # OpenMP's workers would spin after every parallel region, on the cores the event loop (and
-    # Triton's model processes) need between engine calls.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_wait()
     os.environ.setdefault("GLIBC_TUNABLES", f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:"
                                             f"glibc.malloc.trim_threshold={TRIM_THRESHOLD}")
     try:  # this process started before the variable was set

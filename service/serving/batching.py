@@ -4,6 +4,13 @@ Requests with the same key (bank and dynamics options) wait up to `max_queue_del
 up to `max_batch_size` query rows go to the engine as one call. While the engine is busy, new requests
 queue up, so batches grow with load on their own. The queue is bounded: past `max_queue_size` waiting
 requests, `submit` raises Overloaded at once instead of letting latency grow without limit.
+
+When a batch finishes, its slot is freed before its answers are handed out, and the next batch is
+handed to the engine before the loop runs anything else: the engine computes it while the loop writes
+the finished batch's responses. The wait for company then counts from that moment too (not only from
+the oldest request's arrival): the requests that queued up while the engine was busy would otherwise
+leave at once, as a batch of the few whose clients happened to be quick, and the engine would alternate
+full and near-empty calls.
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ class MicroBatcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._free = asyncio.Semaphore(max_concurrent_batches)
-        self._running: set[asyncio.Task] = set()
+        self._running: set[asyncio.Future] = set()
+        self._freed_at = 0.0  # when a batch slot last became free
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._dispatch_forever())
@@ -93,7 +101,7 @@ class MicroBatcher:
                 await self._wakeup.wait()
                 continue
             key, queue = next(iter(self._queues.items()))  # oldest key first: no starvation
-            deadline = queue[0].enqueued + self.max_queue_delay
+            deadline = max(queue[0].enqueued, self._freed_at) + self.max_queue_delay
             while sum(p.rows for p in queue) < self.max_batch_size and (delay := deadline - time.perf_counter()) > 0:
                 self._wakeup.clear()
                 try:
@@ -102,14 +110,8 @@ class MicroBatcher:
                     break
             batch = self._take(key, queue)
             if batch:
-                task = asyncio.get_running_loop().create_task(self._run(key, batch))
-                self._running.add(task)
-                task.add_done_callback(self._finished)
+                self._start(key, batch)
                 return
-
-    def _finished(self, task: asyncio.Task) -> None:
-        self._running.discard(task)
-        self._free.release()
 
     def _take(self, key: Hashable, queue: deque[_Pending]) -> list[_Pending]:
         batch, rows = [], 0
@@ -126,23 +128,32 @@ class MicroBatcher:
         self._queue_depth.set(self._waiting)
         return batch
 
-    async def _run(self, key: Hashable, batch: list[_Pending]) -> None:
+    def _start(self, key: Hashable, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         for pending in batch:
             self._queue_wait.observe(started - pending.enqueued)
         self._batch_size.observe(len(batch))
         self._batch_rows.observe(sum(p.rows for p in batch))
         items = [p.item for p in batch]
-        try:
-            if self._executor is None:
-                results = await self._run_batch(key, items)
-            else:
-                results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, key, items)
-        except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+        if self._executor is None:
+            work = asyncio.ensure_future(self._run_batch(key, items))
+        else:  # submitted now, not from a task that would first wait its turn on the loop
+            work = asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, key, items)
+        self._running.add(work)
+        work.add_done_callback(lambda done: self._answer(batch, done))
+
+    def _answer(self, batch: list[_Pending], work: asyncio.Future) -> None:
+        self._running.discard(work)
+        self._freed_at = time.perf_counter()
+        self._free.release()  # first: the dispatcher resumes ahead of the answered requests
+        if work.cancelled():
+            return
+        error = work.exception()
+        if error is not None:  # handed to every waiting request of the batch
             for pending in batch:
                 if not pending.future.done():
-                    pending.future.set_exception(exc)
+                    pending.future.set_exception(error)
             return
-        for pending, result in zip(batch, results):
+        for pending, result in zip(batch, work.result()):
             if not pending.future.done():
                 pending.future.set_result(result)

@@ -166,3 +166,66 @@ def test_batches_in_progress_at_once_are_bounded_and_requests_wait_for_a_slot(sl
     assert started == slots and most == slots
     assert [10, 11, 12, 13] in calls  # they came while the slots were busy: one batch
     assert results == [(f"bank{i}", i) for i in range(5)] + [("bank0", 10 + i) for i in range(4)]
+
+
+class RecordingExecutor(ThreadPoolExecutor):
+    """One worker thread; notes on the loop's side when each batch is handed to it."""
+
+    def __init__(self, events: list):
+        super().__init__(1)
+        self.events = events
+
+    def submit(self, fn, key, items):
+        self.events.append(("engine gets", list(items)))
+        return super().submit(fn, key, items)
+
+
+def test_the_next_batch_reaches_the_engine_before_the_finished_one_is_answered():
+    """So that the engine computes it while the loop writes the finished batch's responses."""
+    recorder, events = Recorder(), []
+    recorder.release.clear()
+
+    async def answered(batcher, item):
+        result = await batcher.submit("k", item, rows=1)
+        events.append(("answered", item))
+        return result
+
+    async def scenario():
+        batcher = MicroBatcher(recorder, executor=RecordingExecutor(events), max_batch_size=64, max_queue_delay_us=0)
+        batcher.start()
+        first = asyncio.ensure_future(answered(batcher, 1))
+        await asyncio.sleep(0.05)  # batch [1] is in the engine, held there
+        second = asyncio.ensure_future(answered(batcher, 2))
+        await asyncio.sleep(0.05)  # queued behind it
+        recorder.release.set()
+        results = await asyncio.gather(first, second)
+        await batcher.close()
+        return results
+
+    assert run(scenario()) == [("k", 2), ("k", 4)]
+    assert events.index(("engine gets", [2])) < events.index(("answered", 1))
+
+
+def test_requests_that_queued_while_the_engine_was_busy_wait_for_company_after_it():
+    """The queue delay counts from when the engine was free again, not only from each arrival: else
+    the requests that piled up meanwhile would leave at once, without the ones about to arrive."""
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def scenario():
+        batcher = MicroBatcher(recorder, executor=ThreadPoolExecutor(1), max_batch_size=64, max_queue_delay_us=300_000)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit("k", 1, rows=1))
+        await asyncio.sleep(0.35)  # its batch leaves after the delay, then holds the engine
+        queued = asyncio.ensure_future(batcher.submit("k", 2, rows=1))
+        await asyncio.sleep(0.35)  # past its own delay while the engine is busy
+        recorder.release.set()
+        await first
+        await asyncio.sleep(0.03)
+        late = asyncio.ensure_future(batcher.submit("k", 3, rows=1))
+        results = await asyncio.gather(queued, late)
+        await batcher.close()
+        return results
+
+    assert run(scenario()) == [("k", 4), ("k", 6)]
+    assert [items for _, items in recorder.calls] == [[1], [2, 3]]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from service.api.auth import load_keys
+from service.cli import OPENMP_WAIT
 
 
 def amserve(*args: str) -> subprocess.CompletedProcess:
@@ -67,9 +68,11 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def python(code: str, *args: str) -> str:
-    """`code`'s standard output, run in a fresh interpreter whose environment has no GLIBC_TUNABLES."""
-    env = {name: value for name, value in os.environ.items() if name != "GLIBC_TUNABLES"}
+def python(code: str, *args: str, env: dict | None = None) -> str:
+    """`code`'s standard output, run in a fresh interpreter whose environment has none of the variables
+    `tune_process` sets (plus `env`)."""
+    env = {**{name: value for name, value in os.environ.items()
+              if name not in ("GLIBC_TUNABLES", *OPENMP_WAIT)}, **(env or {})}
     run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, env=env,
                          check=False)
     assert run.returncode == 0, run.stderr
@@ -84,3 +87,12 @@ def test_amserve_keeps_freed_megabyte_blocks_for_reuse():
     shown = python("import os\nfrom service.cli import tune_process\n"
                    "tune_process()\nprint(os.environ['GLIBC_TUNABLES'])")
     assert "glibc.malloc.mmap_threshold=67108864" in shown
+
+
+def test_amserve_lets_openmp_workers_spin_briefly_unless_told_otherwise():
+    """A short spin between an engine call's parallel regions, then sleep (see OPENMP_WAIT); torch's
+    libgomp reads the variables when it loads, and the processes amserve starts inherit them."""
+    show = ("import os\nfrom service.cli import tune_process\ntune_process()\n"
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'])")
+    assert python(show).split() == ["ACTIVE", "3000"]
+    assert python(show, env={"OMP_WAIT_POLICY": "PASSIVE"}).split() == ["PASSIVE", "3000"]
