@@ -5,12 +5,12 @@ up to `max_batch_size` query rows go to the engine as one call. While the engine
 queue up, so batches grow with load on their own. The queue is bounded: past `max_queue_size` waiting
 requests, `submit` raises Overloaded at once instead of letting latency grow without limit.
 
-When a batch finishes, its slot is freed before its answers are handed out, and the next batch is
-handed to the engine before the loop runs anything else: the engine computes it while the loop writes
-the finished batch's responses. The wait for company then counts from that moment too (not only from
-the oldest request's arrival): the requests that queued up while the engine was busy would otherwise
-leave at once, as a batch of the few whose clients happened to be quick, and the engine would alternate
-full and near-empty calls.
+When a batch finishes, its slot is freed before its answers are handed out, so the dispatcher resumes
+ahead of the finished batch's requests: a batch that is ready goes to the engine while the loop writes
+their responses, rather than after. The wait for company counts from that moment too (not only from the
+oldest request's arrival): the requests that queued up while the engine was busy would otherwise leave
+at once, as a batch of the few whose clients happened to be quick, and the engine would alternate full
+and near-empty calls.
 """
 
 from __future__ import annotations
