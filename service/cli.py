@@ -69,7 +69,8 @@ def _add_serve(commands) -> None:
     p.add_argument("--max-waiting-sequences", type=int, help="LM requests waiting before 429 (default 64)")
     p.add_argument("--max-context", type=int, help="LM context per slot in tokens (default 2048)")
     p.add_argument("--dtype", choices=LM_DTYPES, help="LM weights: fp32, bf16, weight-only int8 / int4, or auto "
-                   "(the fastest within accuracy on CPU, see the README; default auto)")
+                   "(on CPU int4 for a checkpoint of 4-bit GGUF blocks such as the default model, else "
+                   "fp32; bf16 on GPU; default auto)")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, help="LM KV cache: fp32, bf16 or auto (the activations' dtype; "
                    "default auto)")
     p.add_argument("--api-keys-file", type=Path, help="JSON file of API-key hashes per tenant (amserve keys create)")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from service.api.pb import amserve_pb2 as pb
+from service.config import Settings
 from service.engines.lm import load_model
 from service.engines.lm.tokenizer import Tokenizer
 from service.triton.spec import LLM
@@ -118,23 +119,45 @@ def test_completions_batch_prompts_as_text_and_token_ids(api, tokenizer):
         a.usage.completion_tokens for a in answers)
 
 
-def test_echo_scores_the_prompt_as_hf_transformers_does(api, tokenizer, hf_model):
-    """What lm-eval-harness's loglikelihood asks: max_tokens 0, echo, logprobs."""
-    text = "The capital of France is Paris."
+@pytest.fixture(scope="module", params=["embedded", "triton"])
+def fp32_api(request, tmp_path_factory):
+    """A server of the default model in fp32 (`auto` serves its int4 blocks), to compare with HF."""
+    server = ServerProcess(tmp_path_factory.mktemp(f"fp32-{request.param}"), backend=request.param,
+                           extra_args=["--dtype", "fp32"])
+    with server, openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+def assert_echo_scores(api, tokenizer: Tokenizer, text: str, logits: torch.Tensor) -> None:
+    """What lm-eval-harness's loglikelihood asks (max_tokens 0, echo, logprobs) answers the
+    log-softmax of `logits` (T, vocab), the expected model's over the text's tokens."""
     ids = tokenizer.encode(text)
     scored = api.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=2, temperature=0)
     choice = scored.choices[0]
     assert choice.text == text and scored.usage.completion_tokens == 0
     assert choice.logprobs.tokens == [tokenizer.decode([i]) for i in ids]
     assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
-    with torch.no_grad():
-        expected = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    expected = torch.log_softmax(logits.float(), dim=-1)
     for position in range(1, len(ids)):
         assert choice.logprobs.token_logprobs[position] == pytest.approx(
             expected[position - 1, ids[position]].item(), abs=2e-3)
         top = expected[position - 1].topk(2)
         assert list(choice.logprobs.top_logprobs[position]) == [tokenizer.decode([i]) for i in top.indices.tolist()]
     assert choice.logprobs.text_offset == [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+
+
+def test_echo_scores_the_prompt_as_hf_transformers_does(fp32_api, tokenizer, hf_model):
+    text = "The capital of France is Paris."
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([tokenizer.encode(text)])).logits[0]
+    assert_echo_scores(fp32_api, tokenizer, text, logits)
+
+
+def test_echo_scores_the_prompt_with_the_served_weights(api, tokenizer):
+    text = "The capital of France is Paris."
+    ids = tokenizer.encode(text)
+    model, _ = load_model(WEIGHTS, dtype=Settings().dtype)  # int4, as both backends load it
+    assert_echo_scores(api, tokenizer, text, model(torch.tensor([ids]))[0])
 
     # token ids echo as the text they decode to; with a continuation, the prompt's tokens come first
     both = api.completions.create(model=MODEL, prompt=ids, max_tokens=3, echo=True, logprobs=1, temperature=0)

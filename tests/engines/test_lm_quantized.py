@@ -16,7 +16,7 @@ from gguf.quants import dequantize, quantize
 from service.config import Settings
 from service.engines.lm import ModelConfig, Transformer, default_gguf_path, load_model
 from service.engines.lm.quantized import Int4Linear, Int8Linear, Int8Table, RescoredHead
-from service.engines.lm.weights import gguf_q4_groups
+from service.engines.lm.weights import convert_gguf, gguf_q4_groups, resolve_dtype
 from tests.engines.test_lm_default_model import generate
 
 TEXT = ("Associative memories store patterns as the minima of an energy function. A query descends the "
@@ -47,14 +47,15 @@ def test_int4_matmul_is_the_dequantised_groups_times_the_input():
     torch.manual_seed(0)
     q = torch.randint(0, 16, (32, 64))
     q[:, ::32], q[:, 1::32] = 0, 15  # every group spans the whole grid (as GGUF Q4_1 blocks do)
-    scales, mins = torch.rand(32, 2) / 10, torch.randn(32, 2) / 10
+    scales, mins = (torch.rand(32, 2) / 10).half().float(), (torch.randn(32, 2) / 10).half().float()  # fp16, as GGUF's
     x = torch.randn(3, 64)
     weight = (q.view(32, 2, 32) * scales[..., None] + mins[..., None]).view(32, 64)
     layer = Int4Linear(q, scales, mins, compute_dtype=torch.float32)
     torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-5, atol=1e-5)
-    # Rounding a weight already on a 16-step grid per group gives that grid back.
-    torch.testing.assert_close(Int4Linear.quantize(weight, compute_dtype=torch.float32)(x), x @ weight.T,
-                               rtol=1e-4, atol=1e-4)
+    # Rounding a weight already on such a grid gives that grid back, bit for bit.
+    rounded = Int4Linear.quantize(weight, compute_dtype=torch.float32)
+    for name, buffer in layer.state_dict().items():
+        assert torch.equal(rounded.state_dict()[name], buffer), name
 
 
 @pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
@@ -91,6 +92,21 @@ def test_each_dtype_is_close_to_fp32(fp32_model, dtype):
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= min_agreement
     text, _ = generate(model, tokenizer, "The capital of France is", max_tokens=6)  # the serving path
     assert "Paris" in text
+
+
+def test_auto_serves_a_4_bit_gguf_in_int4_and_so_does_its_converted_directory(tmp_path):
+    assert Settings().dtype == "auto"
+    model, _ = load_model(default_gguf_path(), dtype="auto")
+    assert isinstance(model.layers[0].attn.wqkv, Int4Linear)
+    # What `amserve export` writes for Triton (dequantised safetensors) loads to the same weights.
+    converted, _ = load_model(convert_gguf(default_gguf_path(), tmp_path, progress=False), dtype="auto")
+    ours, theirs = model.state_dict(), converted.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+    # Anything else keeps fp32 on CPU; other devices get bf16.
+    assert resolve_dtype("auto", "cpu", {"model_type": "llama"}) == "fp32"
+    assert resolve_dtype("auto", "cpu", {"gguf_file_type": "MOSTLY_Q8_0"}) == "fp32"
+    assert resolve_dtype("auto", "cuda", {"gguf_file_type": "MOSTLY_Q4_1"}) == "bf16"
 
 
 def test_int_dtypes_use_the_quantized_layers():

@@ -164,12 +164,13 @@ class Int4Linear(nn.Module):
     @classmethod
     def quantize(cls, weight: Tensor, bias: Tensor | None = None, group_size: int = INT4_GROUP_SIZE,
                  compute_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
-        """Round to nearest on each group's [min, max] in 16 steps (as GGUF Q4_1 does)."""
-        groups = weight.view(weight.shape[0], -1, group_size)
-        mins, maxs = groups.amin(dim=-1), groups.amax(dim=-1)
-        scales = ((maxs - mins) / 15).clamp_min(1e-12)
-        q = torch.round((groups - mins[..., None]) / scales[..., None]).clamp_(0, 15).view(weight.shape)
-        return cls(q, scales, mins, bias, compute_dtype)
+        """Round to nearest on each group's [min, max] in 16 steps, scale and min in fp16, as GGUF
+        Q4_1 does: a Q4_1 tensor, dequantised (its groups hold both q = 0 and 15), comes back exactly."""
+        groups = weight.float().view(weight.shape[0], -1, group_size)
+        mins, maxs = groups.amin(dim=-1).half().float(), groups.amax(dim=-1)
+        scales = ((maxs - mins) / 15).half().float()
+        q = torch.round((groups - mins[..., None]) / scales.clamp_min(1e-12)[..., None]).clamp_(0, 15)
+        return cls(q.view(weight.shape), scales, mins, bias, compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         y = aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(self.compute_dtype), self.weight,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 from gguf.quants import dequantize
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -42,23 +42,28 @@ from service.errors import InvalidArgument, NotFound
 
 
 DTYPES = LM_DTYPES
-# What `auto` serves on CPU. int4 (the GGUF's Q4_1 blocks, head rescored from its Q8_0 table) keeps
-# 99% of fp32's greedy choices in a third of the memory. On the 2-core AVX-512 machine of
-# loadtest/results/quantized.json it decodes one sequence 2.3x as fast as fp32 and 16 at fp32's rate;
-# on an AVX2 machine, whose bf16 arithmetic is emulated, fp32 was the fastest at 16 streams and in
-# prefill. fp32 stays the default: the outputs of every other dtype differ from the reference's.
-AUTO_DTYPE = "fp32"
+# What `auto` serves on CPU: a checkpoint of 4-bit GGUF blocks (the default model's Q4_1, or a
+# directory `convert_gguf` wrote from one) stays in them, int4; every other checkpoint is fp32, its
+# outputs those of the reference. On the 2-core AVX-512 machine of loadtest/results/quantized.json,
+# int4 keeps 99% of fp32's greedy choices in about half the memory and decodes one sequence 2.3x as
+# fast as fp32, 16 at fp32's rate (on an AVX2 machine, whose bf16 arithmetic is emulated, fp32 was
+# the faster one at 16 streams and in prefill). On other devices `auto` is bf16.
+FOUR_BIT_FILE_TYPES = (LlamaFileType.MOSTLY_Q4_0.name, LlamaFileType.MOSTLY_Q4_1.name)
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> str:
-    """A `--dtype` value (or torch.float32 / torch.bfloat16) -> one of fp32, bf16, int8, int4.
-    The int8/int4 kernels used are CPU ones; on other devices `auto` is bf16."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu",
+                  hf_config: dict[str, Any] | None = None) -> str:
+    """A `--dtype` value (or torch.float32 / torch.bfloat16) -> one of fp32, bf16, int8, int4, `auto`
+    resolved for the checkpoint whose (HF-form) config is `hf_config`. The int8/int4 kernels used
+    are CPU ones."""
     named = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
     if named not in DTYPES:
         raise InvalidArgument(f"unknown dtype {dtype!r}: one of {', '.join(DTYPES)}", field="dtype")
     on_cpu = torch.device(device).type == "cpu"
     if named == "auto":
-        return AUTO_DTYPE if on_cpu else "bf16"
+        if not on_cpu:
+            return "bf16"
+        return "int4" if (hf_config or {}).get("gguf_file_type") in FOUR_BIT_FILE_TYPES else "fp32"
     if named in ("int8", "int4") and not on_cpu:
         raise InvalidArgument(f"dtype {named} runs on CPU only", field="dtype")
     return named
@@ -288,7 +293,15 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> dict[st
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "hidden_act": "silu", "torch_dtype": "float32",
+        "gguf_file_type": _file_type_name(meta.get("general.file_type")),  # what `auto` keeps (resolve_dtype)
     }
+
+
+def _file_type_name(value: int | None) -> str | None:
+    try:
+        return LlamaFileType(value).name
+    except ValueError:
+        return None
 
 
 def _unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -354,11 +367,13 @@ def gguf_tensors(reader: GGUFReader, hf_config: dict[str, Any], progress: bool =
         yield name, Int4Groups(*tensors) if len(tensors) == 3 else tensors[0].float()
 
 
-def _read_gguf(path: Path, progress: bool = False,
-               int4_groups: bool = False) -> tuple[dict[str, Any], dict[str, Tensor | Int4Groups], Tokenizer]:
+def _read_gguf(path: Path, progress: bool = False, dtype: str | torch.dtype = "fp32",
+               device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, Tensor | Int4Groups], Tokenizer]:
+    """(HF config, tensors, tokenizer); Q4 tensors as `Int4Groups` when `dtype` resolves to int4."""
     reader = GGUFReader(path)
     meta = gguf_metadata(reader)
     hf_config = hf_config_from_gguf(meta, {t.name for t in reader.tensors})
+    int4_groups = resolve_dtype(dtype, device, hf_config) == "int4"
     tensors = dict(gguf_tensors(reader, hf_config, progress, int4_groups))
     return hf_config, tensors, Tokenizer.from_gguf_metadata(meta)
 
@@ -387,12 +402,12 @@ def load_model(path: Path | str, device: torch.device | str = "cpu", dtype: str 
     if kv_dtype not in KV_DTYPES:
         raise InvalidArgument(f"unknown kv_dtype {kv_dtype!r}: one of {', '.join(KV_DTYPES)}", field="kv_dtype")
     if path.is_file() and path.suffix == ".gguf":
-        hf_config, tensors, tokenizer = _read_gguf(path, int4_groups=resolve_dtype(dtype, device) == "int4")
-        model = build_model(config_from_hf(hf_config), tensors.__getitem__, device, dtype)
+        hf_config, tensors, tokenizer = _read_gguf(path, dtype=dtype, device=device)
+        source: TensorSource = tensors.__getitem__
     else:
         hf_config = _hf_config(path)
-        model = build_model(config_from_hf(hf_config), _safetensors_source(path), device, dtype)
-        tokenizer = _hf_tokenizer(path, hf_config)
+        source, tokenizer = _safetensors_source(path), _hf_tokenizer(path, hf_config)
+    model = build_model(config_from_hf(hf_config), source, device, resolve_dtype(dtype, device, hf_config))
     model.cache_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(kv_dtype)
     release_free_memory()
     return model, tokenizer
@@ -412,7 +427,8 @@ def load_weights(path: Path | str, device: torch.device | str = "cpu",
                  dtype: str | torch.dtype = "fp32") -> Transformer:
     """The model alone, from an HF directory (no tokenizer files needed)."""
     path = Path(path)
-    return build_model(config_from_hf(_hf_config(path)), _safetensors_source(path), device, dtype)
+    hf_config = _hf_config(path)
+    return build_model(config_from_hf(hf_config), _safetensors_source(path), device, resolve_dtype(dtype, device, hf_config))
 
 
 def _hf_config(directory: Path) -> dict[str, Any]:
