@@ -4,7 +4,6 @@ that this process follows as a replica), retrieve/complete micro-batched."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from service.engines.lm import SamplingParams, Tokenizer
 from service.engines.lm.explain import TextExplanation, explain_text
 from service.engines.lm.weights import DEFAULT_MODEL_NAME, default_gguf_path, load_model
 from service.errors import Overloaded, TooManyRequests, Unavailable
+from service.openmp import releasing_pool
 from service.serving.batching import MicroBatcher
 from service.serving.scheduler import FinishEvent, GenerationRequest, Prompt, Scheduler, event_dict
 
@@ -79,8 +79,9 @@ class EmbeddedBackend:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # Loads and writes release their thread's OpenMP workers when done (service/openmp.py).
         self.registry = await loop.run_in_executor(
-            self._write_thread, lambda: BankRegistry(open_store(self._store), self._device))
+            self._write_thread, releasing_pool(lambda: BankRegistry(open_store(self._store), self._device)))
         if self.registry.store.shared:  # other gateways write too: follow the change log
             self._follower = threading.Thread(target=self.registry.follow, args=(self._stop_following,),
                                               name="bank-follower", daemon=True)
@@ -89,15 +90,15 @@ class EmbeddedBackend:
         self.batcher.start()
         if (self._model_repository / ET_DIR / energy_transformer.CONFIG_FILE).is_file():
             self.image_model = await loop.run_in_executor(
-                self._engine_thread, energy_transformer.load, self._model_repository / ET_DIR, self._device)
+                self._engine_thread, releasing_pool(energy_transformer.load), self._model_repository / ET_DIR,
+                self._device)
             self.image_batcher = MicroBatcher(self._run_image_batch, executor=self._engine_thread,
                                               model="energy_transformer", **self._batching)
             self.image_batcher.start()
         if self._lm != "none":
             path, self.lm_name = resolve_model(self._lm, self._model_repository)
-            lm, self.tokenizer = await loop.run_in_executor(
-                self._write_thread, functools.partial(load_model, path, self._device, **self._lm_dtypes))
-            self.scheduler = Scheduler(lm, self.tokenizer, **self._lm_limits)
+            self.scheduler = await loop.run_in_executor(self._write_thread, releasing_pool(self._start_scheduler), path)
+            self.tokenizer = self.scheduler.tokenizer
             metrics.RUNNING_SEQUENCES.labels("llm").set_function(lambda: self.scheduler.stats().running)
             metrics.WAITING_SEQUENCES.labels("llm").set_function(lambda: self.scheduler.stats().waiting)
 
@@ -152,8 +153,8 @@ class EmbeddedBackend:
         token_ids = await loop.run_in_executor(self._tokenizer_thread, self.scheduler.prompt_ids, prompt)
         # A forward of its own over the scheduler's weights, which it only reads (no KV cache), in a worker
         # thread: the generations going on in the scheduler's thread neither wait for it nor see it.
-        explained = await asyncio.to_thread(explain_text, self.scheduler.model, self.tokenizer, token_ids, params,
-                                            top_n, layers, heads, max_weights)
+        explained = await asyncio.to_thread(releasing_pool(explain_text), self.scheduler.model, self.tokenizer,
+                                            token_ids, params, top_n, layers, heads, max_weights)
         return self.lm_name, explained
 
     async def _event_stream(self, handle, events: asyncio.Queue) -> AsyncIterator[dict]:
@@ -176,7 +177,7 @@ class EmbeddedBackend:
         return await self.image_batcher.submit(steps, (images, masks), rows=1)
 
     async def bank_fidelity(self, name: str, sample_size: int, noise: float) -> Fidelity:
-        return await asyncio.to_thread(self.registry.fidelity, name, sample_size, noise)
+        return await asyncio.to_thread(releasing_pool(self.registry.fidelity), name, sample_size, noise)
 
     async def explain_image(self, image: np.ndarray, missing: np.ndarray, steps: int | None
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -184,7 +185,7 @@ class EmbeddedBackend:
             raise Unavailable(f"energy-transformer weights not found under {self._model_repository / ET_DIR}")
         images, masks = torch.from_numpy(image[None].astype(np.float32)), torch.from_numpy(missing[None])
         # Alone, off the event loop: an explanation is for a person watching, not for throughput.
-        explained = await asyncio.to_thread(self.image_model.explain, images, masks, steps=steps)
+        explained = await asyncio.to_thread(releasing_pool(self.image_model.explain), images, masks, steps=steps)
         return explained.frames[0].numpy(), explained.attention_energy[0].numpy(), explained.hopfield_energy[0].numpy()
 
     def _run_image_batch(self, steps: int | None, parts: list) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -192,8 +193,12 @@ class EmbeddedBackend:
                                                      steps=steps)
         return list(zip(completed.numpy(), trace.numpy()))
 
+    def _start_scheduler(self, path: Path) -> Scheduler:
+        lm, tokenizer = load_model(path, self._device, **self._lm_dtypes)
+        return Scheduler(lm, tokenizer, **self._lm_limits)  # its KV cache and packed weights made here too
+
     async def _write(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._write_thread, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._write_thread, releasing_pool(fn), *args)
 
     async def create_bank(self, name: str, kind: str, dim: int, params: dict) -> BankInfo:
         return await self._write(self.registry.create, name, kind, dim, params)
@@ -225,7 +230,7 @@ class EmbeddedBackend:
         """Catch the bank up from a shared store, off the event loop, when it is behind `min_version`."""
         if min_version and (name not in self.registry or self.registry.version(name) < min_version):
             await asyncio.get_running_loop().run_in_executor(
-                self._sync_thread, self.registry.at_version, name, min_version, MAX_LAG_WAIT_S)
+                self._sync_thread, releasing_pool(self.registry.at_version), name, min_version, MAX_LAG_WAIT_S)
 
     def _run_batch(self, key: tuple, parts: list) -> list[MemoryResults]:
         name = key[0]

@@ -25,6 +25,7 @@ from service.engines.lm.sampling import (SamplingParams, StopMatcher, TokenLogpr
                                          sample)
 from service.engines.lm.tokenizer import IncrementalDecoder, Tokenizer
 from service.errors import InvalidArgument, Overloaded, Unavailable
+from service.openmp import release_pool
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,10 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
+            with self._lock:
+                idle = not (self._closed or self._waiting or self._running)
+            if idle:  # out of work, its OpenMP workers go: they would slow another thread's (service/openmp.py)
+                release_pool()
             with self._lock:
                 while not (self._closed or self._waiting or self._running):
                     self._lock.wait()

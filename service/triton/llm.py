@@ -48,6 +48,7 @@ from service.engines.lm import SamplingParams
 from service.engines.lm.explain import NextTokenExplanation, TextExplanation, explain_text
 from service.engines.lm.weights import DEFAULT_MODEL_NAME
 from service.errors import InvalidArgument
+from service.openmp import release_pool, releasing_pool
 from service.serving.scheduler import (Chat, Event, FinishEvent, GenerationRequest, Prompt, RequestHandle, Scheduler,
                                        event_dict)
 from service.triton.wire import text_tensor, text_value
@@ -185,6 +186,7 @@ class TextGeneration:
         scheduler = Scheduler(model, tokenizer, max_batch_size=int(parameters["max_running_sequences"]),
                               max_waiting=int(parameters["max_waiting_sequences"]),
                               max_context=int(parameters["max_context"]))
+        release_pool()  # this thread's OpenMP workers: the scheduler's thread decodes (service/openmp.py)
         return cls(scheduler, parameters.get("served_model_name") or DEFAULT_MODEL_NAME)
 
     def start(self, inputs: dict[str, np.ndarray | None], stream: Stream) -> None:
@@ -194,7 +196,7 @@ class TextGeneration:
         try:
             request = parse_inputs(inputs.get("PROMPT"), inputs.get("PARAMS"))
             if isinstance(request, ExplanationRequest):
-                self._explainer.submit(self._explain, request, stream)
+                self._explainer.submit(releasing_pool(self._explain), request, stream)
                 return
             handle = self.scheduler.submit(request, lambda event: self._on_event(generation, event))
         except Exception as exc:  # every refusal, bugs included, is this request's answer alone
