@@ -2,8 +2,10 @@
 
 Both run on PyTorch's CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which
 multiply by the integer weights without materialising a float copy. Their fp32-activation paths are
-5-10x slower than their bf16 ones on this AVX2 CPU (the model's shapes, 1 and 16 rows), so activations enter the
-kernels in `compute_dtype` (bf16 by default) and leave in the caller's dtype.
+5-10x slower than their bf16 ones (the model's shapes, 1 and 16 rows), so activations enter the
+kernels in `compute_dtype` (bf16 by default) and leave in it, as the kernel wrote them: adding them
+into the model's fp32 residual stream promotes them, and the next quantized layer takes them as they
+are (converting back and forth cost a tenth of a decode step).
 
 Dequantised, an int8 weight is `q * scale[row]`; an int4 one is `q * scale + min` per group of
 `group_size` inputs, q in 0..15 (GGUF Q4_1's form; Q4_0 is min = -8 * scale).
@@ -51,7 +53,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(self.compute_dtype), self.weight, self.scales)
-        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        y = y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
@@ -132,7 +134,7 @@ class RescoredHead(nn.Module):
         return self.table.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = self.fast(x)
+        logits = self.fast(x).float()
         if self.bias is not None:
             logits = logits + self.bias
         flat, rows = logits.view(-1, logits.shape[-1]), x.reshape(-1, x.shape[-1]).float()
@@ -175,5 +177,5 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(self.compute_dtype), self.weight,
                                              self.group_size, self.scales_and_zeros)
-        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
