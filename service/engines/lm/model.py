@@ -112,6 +112,10 @@ class Linear(nn.Linear):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
+    def matmul_rows(self) -> Callable[[Tensor], Tensor]:
+        """The product for (rows, in) inputs, as the quantized layers have it (the decode step's call)."""
+        return self.forward
+
 
 def _version(tensor: Tensor) -> int:
     return -1 if tensor.is_inference() else tensor._version
@@ -237,15 +241,14 @@ class Attention(nn.Module):
         return self.wo(y.reshape(B, T, -1))
 
     def heads(self, qkv: Tensor, dtype: torch.dtype, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
-        """wqkv's output (B, T, ...) -> queries, keys, values (B, T, heads, head_dim), RoPE applied,
+        """wqkv's output (..., qkv) -> queries, keys, values (..., heads, head_dim), RoPE applied,
         in the activations' `dtype` (a quantized layer answers in its own): RoPE and the cache then
         see the same values whatever the weights."""
-        B, T, _ = qkv.shape
-        qkv = qkv.to(dtype).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-        qk, v = qkv.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=2)
+        qkv = qkv.to(dtype).view(*qkv.shape[:-1], self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk, v = qkv.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=-2)
         if rope is not None:  # queries and keys rotated together
             qk = apply_rope(qk, *rope)
-        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=-2)
         return q, k, v
 
     def _weighted_attention(self, q: Tensor, k: Tensor, v: Tensor, weights: list[Tensor]) -> Tensor:
@@ -260,8 +263,8 @@ class Attention(nn.Module):
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, layer: int, batch: _DecodeBatch) -> Tensor:
-    """One step's attention: q (B, 1, n_heads, head_dim); k, v (B, 1, n_kv_heads, head_dim) are
-    written into the cache first -> (B, 1, n_heads, head_dim)."""
+    """One step's attention: q (B, n_heads, head_dim); k, v (B, n_kv_heads, head_dim) are written
+    into the cache first -> (B, n_heads, 1, head_dim)."""
     head_dim = q.shape[-1]
     cache_k, cache_v = batch.cache.k[layer], batch.cache.v[layer]
     cache_k.view(-1, head_dim).index_copy_(0, batch.rows, k.reshape(-1, head_dim).to(cache_k.dtype))
@@ -271,8 +274,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, layer: int, batch: _Decode
     values = cache_v[batch.slots, :, :batch.kv_len].to(q.dtype)
     # One kernel for the step's small products; with enable_gqa the query heads sharing a kv head
     # read it once (no repetition).
-    return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=batch.mask,
-                                          enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=batch.mask,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class GeluMLP(nn.Module):
@@ -335,13 +338,15 @@ class Block(nn.Module):
 
     def decode_plan(self) -> _DecodeLayer:
         ffn_in, ffn_out = self.ffn.projections
-        return _DecodeLayer(self.attn_norm.forward, self.attn.wqkv.forward, self.attn.heads, self.attn.wo.forward,
-                            self.ffn_norm.forward, ffn_in.forward, self.ffn.hidden, ffn_out.forward)
+        return _DecodeLayer(self.attn_norm.forward, self.attn.wqkv.matmul_rows(), self.attn.heads,
+                            self.attn.wo.matmul_rows(), self.ffn_norm.forward, ffn_in.matmul_rows(), self.ffn.hidden,
+                            ffn_out.matmul_rows())
 
 
 class _DecodeLayer(NamedTuple):
-    """A block's steps as `Transformer.decode` runs them: bound methods, called without nn.Module's
-    call machinery (no hooks are used), in Block.forward's order."""
+    """A block's steps as `Transformer.decode` runs them, over (B, dim) rows: bound methods and the
+    linear layers' products with their tensors bound, called without nn.Module's call machinery (no
+    hooks are used), in Block.forward's order."""
 
     attn_norm: Callable[[Tensor], Tensor]
     wqkv: Callable[[Tensor], Tensor]
@@ -507,8 +512,9 @@ class Transformer(nn.Module):
             mask=mask,
         )
         x, rope = self._embed(tokens.view(-1, 1), pos.view(-1, 1))
+        x, rope = x[:, 0], rope and (rope[0][:, 0], rope[1][:, 0])  # one position per sequence: (B, ...)
         for layer, step in enumerate(self._decode_plan):  # Block.forward, a token at a time
             q, k, v = step.heads(step.wqkv(step.attn_norm(x)), x.dtype, rope)
-            x = x + step.wo(decode_attention(q, k, v, layer, batch).reshape(B, 1, -1))
+            x = x + step.wo(decode_attention(q, k, v, layer, batch).view(B, -1))
             x = x + step.ffn_out(step.hidden(step.ffn_in(step.ffn_norm(x))))
-        return self.output(self.norm(x[:, 0])).float()
+        return self.output(self.norm(x)).float()

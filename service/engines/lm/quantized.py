@@ -20,6 +20,9 @@ then recomputes the `candidates` highest logits of each row from the grouped tab
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -52,9 +55,16 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(self.compute_dtype), self.weight, self.scales)
-        y = y.view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return self.matmul_rows()(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
+    def matmul_rows(self) -> Callable[[Tensor], Tensor]:
+        """The product for (rows, in) inputs, its tensors bound (what the decode step calls)."""
+        return partial(_int8_rows, weight=self.weight, scales=self.scales, bias=self.bias, dtype=self.compute_dtype)
+
+
+def _int8_rows(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    y = aten._weight_int8pack_mm(x.to(dtype), weight, scales)
+    return y if bias is None else y + bias
 
 
 class Int8Table(nn.Module):
@@ -175,7 +185,15 @@ class Int4Linear(nn.Module):
         return cls(q.view(weight.shape), scales, mins, bias, compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(self.compute_dtype), self.weight,
-                                             self.group_size, self.scales_and_zeros)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return self.matmul_rows()(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+
+    def matmul_rows(self) -> Callable[[Tensor], Tensor]:
+        """The product for (rows, in) inputs, its tensors bound (what the decode step calls)."""
+        return partial(_int4_rows, weight=self.weight, group_size=self.group_size,
+                       scales_and_zeros=self.scales_and_zeros, bias=self.bias, dtype=self.compute_dtype)
+
+
+def _int4_rows(x: Tensor, weight: Tensor, group_size: int, scales_and_zeros: Tensor, bias: Tensor | None,
+               dtype: torch.dtype) -> Tensor:
+    y = aten._weight_int4pack_mm_for_cpu(x.to(dtype), weight, group_size, scales_and_zeros)
+    return y if bias is None else y + bias
