@@ -193,7 +193,7 @@ def child(args) -> int:
         target = torch.tensor(text_ids[1:])
         nll = torch.nn.functional.cross_entropy(logits, target, reduction="none")
         out["perplexity"] = math.exp(nll.mean().item())
-        torch.save(logits.half(), args.logits)
+        torch.save(logits, args.logits)  # fp32: fp16 rounding alone turns near ties into disagreements
     if not fake:
         model.setup_cache(max_batch=STREAMS, max_context=TEXT_TOKENS + 256)
         out |= weight_bytes(model)
