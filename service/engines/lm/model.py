@@ -15,9 +15,9 @@ weight), for which PyTorch's default fp32 path (MKL sgemm) is slow; `setup_cache
 reorders the linear weights once into oneDNN's blocked layout (`Linear.pack`), 1.3-2x faster for
 one sequence and 2-3x for 16 (loadtest/bench_generate.py). The rest of a step is kept to few small
 ops: RoPE rotates queries and keys together, decode attention is one SDPA call over a cache view.
-With int4 weights one sequence's step is then about half Python: the decode step runs each layer
-from bound methods gathered once (`_DecodeLayer`), without nn.Module's call machinery, which
-took it from 7.2-7.8 to 6.2 ms on the default model (2 AVX-512 cores).
+With int4 weights about half of one sequence's step was Python, so the decode step runs each layer
+from bound methods gathered once (`_DecodeLayer`), without nn.Module's call machinery: 7.2-7.8 ms
+became 6.2-6.5 ms on the default model (2 AVX-512 cores).
 """
 
 from __future__ import annotations

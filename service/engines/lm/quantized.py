@@ -55,7 +55,8 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.matmul_rows()(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+        y = _int8_rows(x.reshape(-1, x.shape[-1]), self.weight, self.scales, self.bias, self.compute_dtype)
+        return y.view(*x.shape[:-1], -1)
 
     def matmul_rows(self) -> Callable[[Tensor], Tensor]:
         """The product for (rows, in) inputs, its tensors bound (what the decode step calls)."""
@@ -185,7 +186,9 @@ class Int4Linear(nn.Module):
         return cls(q.view(weight.shape), scales, mins, bias, compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.matmul_rows()(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+        y = _int4_rows(x.reshape(-1, x.shape[-1]), self.weight, self.group_size, self.scales_and_zeros, self.bias,
+                       self.compute_dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def matmul_rows(self) -> Callable[[Tensor], Tensor]:
         """The product for (rows, in) inputs, its tensors bound (what the decode step calls)."""
