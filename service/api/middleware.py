@@ -1,5 +1,5 @@
-"""The REST gateway's ASGI middlewares: body size limit, front-door load shedding, request metrics and
-the data plane's short path.
+"""The REST gateway's ASGI middleware (`FrontDoor`): front-door load shedding, request metrics, body
+size limit and the data plane's short path.
 
 Pure ASGI (no per-request task). Probes and /metrics are neither shed nor measured: a saturated
 gateway must still answer its orchestrator and its scraper.
@@ -64,82 +64,42 @@ def error_response(exc: errors.ServiceError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=http_status(exc), headers=headers)
 
 
-class BodyLimit:
-    """413 for bodies over `max_bytes`, by Content-Length or by counting a streamed body."""
+class FrontDoor:
+    """The gateway's own ASGI layer, one frame per request (each nested layer costs a small bank a few
+    per cent of its rate), doing in order:
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    * front-door load shedding: past `max_in_flight` requests in progress, 503 + Retry-After at once,
+      before reading the body, so admitted requests keep a bounded latency under overload;
+    * request duration and count per route template;
+    * 413 for bodies over `max_body_bytes`, by Content-Length or by counting a streamed body;
+    * the data plane's short path: the memory routes (store, retrieve, complete:
+      `endpoint(bank, body, ops, tenant)`) answered below FastAPI. The route is found by its own path
+      pattern, the body parsed by pydantic-core from its JSON bytes in one pass, the tenant and the
+      operations taken from the app's state: on a small bank FastAPI's routing and dependency solving
+      cost more per request than the retrieval itself. Whatever this path would not take as it is
+      (another content type, a bad bank name, a body that does not validate) goes on to FastAPI with
+      its body, so every error is the one any route answers; the routes are FastAPI's as usual and
+      write the OpenAPI document.
+    """
+
+    def __init__(self, app: ASGIApp, memory_routes: list[APIRoute], max_body_bytes: int, max_in_flight: int):
         self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._refuse(body_too_large(self.max_bytes), scope, receive, send)
-        if length is not None:
-            return await self.app(scope, receive, send)
-        # A streamed body: read it here (the app would buffer it anyway) so the limit answers 413.
-        try:
-            body = await read_body(receive, self.max_bytes)
-        except errors.TooLarge as too_large:
-            return await self._refuse(too_large, scope, receive, send)
-        if body is not None:
-            await self.app(scope, replaying(body, receive), send)
-
-    async def _refuse(self, too_large: errors.TooLarge, scope: Scope, receive: Receive, send: Send) -> None:
-        metrics.REJECTIONS.labels(reason="body_too_large").inc()
-        await error_response(too_large)(scope, receive, send)
-
-
-class Measured:
-    """Request duration, count and in-flight gauge per route template (pure ASGI: no per-request task)."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-        # The labelled series, looked up once each: a labels() call costs more than the observation.
-        self.in_flight = metrics.IN_FLIGHT.labels("rest")
-        self.series: dict[tuple[str, int], tuple] = {}
-
-    def _series(self, route: str, status: int) -> tuple:
-        if (route, status) not in self.series:
-            self.series[route, status] = (
-                metrics.REQUEST_DURATION.labels(route, "rest", metrics.model_of(route), str(status)),
-                metrics.REQUESTS.labels(route, "rest", str(status)))
-        return self.series[route, status]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        status = 500
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        self.in_flight.inc()
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            self.in_flight.dec()
-            route = getattr(scope.get("route"), "path", "unmatched")
-            if route not in PROBES:
-                duration, count = self._series(route, status)
-                duration.observe(time.perf_counter() - started)
-                count.inc()
-
-
-class AdmissionLimit:
-    """Front-door load shedding: past `max_in_flight` requests in progress, answer 503 + Retry-After at
-    once, before reading the body, so admitted requests keep a bounded latency under overload."""
-
-    def __init__(self, app: ASGIApp, max_in_flight: int):
-        self.app = app
+        self.max_body_bytes = max_body_bytes
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        # Read when scraped: a set() per request would take the gauge's lock twice more.
+        metrics.IN_FLIGHT.labels("rest").set_function(lambda: self.in_flight)
+        # The labelled series, looked up once each: a labels() call costs more than the observation.
+        self.series: dict[tuple[str, int], tuple] = {}
+        self.memory_routes = []
+        for route in memory_routes:
+            [body_param] = route.dependant.body_params
+            parameters = {param.name for param in route.dependant.path_params + route.dependant.body_params}
+            parameters |= {dependency.name for dependency in route.dependant.dependencies}
+            if parameters != {"bank", body_param.name, "ops", "tenant"} or route.methods != {"POST"}:
+                raise TypeError(f"{route.path}: a memory route is POST endpoint(bank, body, ops, tenant), "
+                                f"not {route.methods} {parameters}")
+            self.memory_routes.append((route, body_param.field_info.annotation, body_param.name))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PROBES:
@@ -149,46 +109,51 @@ class AdmissionLimit:
             overloaded = errors.Overloaded(f"more than {self.max_in_flight} requests in progress; retry shortly")
             return await error_response(overloaded)(scope, receive, send)
         self.in_flight += 1
+        started, status = time.perf_counter(), 500
         try:
-            await self.app(scope, receive, send)
+            status = await self._answer(scope, receive, send)
         finally:
             self.in_flight -= 1
+            duration, count = self._series(getattr(scope.get("route"), "path", "unmatched"), status)
+            duration.observe(time.perf_counter() - started)
+            count.inc()
 
+    def _series(self, route: str, status: int) -> tuple:
+        if (route, status) not in self.series:
+            self.series[route, status] = (
+                metrics.REQUEST_DURATION.labels(route, "rest", metrics.model_of(route), str(status)),
+                metrics.REQUESTS.labels(route, "rest", str(status)))
+        return self.series[route, status]
 
-class MemoryFastPath:
-    """The data-plane routes (store, retrieve, complete: `endpoint(bank, body, ops, tenant)`) answered below
-    FastAPI: the route found by its own path pattern, the body parsed by pydantic-core from its JSON bytes
-    in one pass, the tenant and the operations taken from the app's state. On a small bank FastAPI's
-    middleware, routing and dependency solving cost more per request than the retrieval itself. Whatever
-    this path would not take as it is (another content type, a bad bank name, a body that does not
-    validate) goes on to FastAPI with its body, so every error is the one any route answers; the routes
-    are FastAPI's as usual and write the OpenAPI document."""
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Answer the request; -> the status sent."""
+        headers = dict(reversed(scope["headers"]))  # the first of a repeated header counts, as in Starlette
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return await self._refuse(body_too_large(self.max_body_bytes), scope, receive, send)
+        body = None
+        if length is None:
+            # A streamed body: read it here (the app would buffer it anyway) so the limit answers 413.
+            try:
+                body = await read_body(receive, self.max_body_bytes)
+            except errors.TooLarge as too_large:
+                return await self._refuse(too_large, scope, receive, send)
+            if body is None:  # the client went away
+                return 499
+            receive = replaying(body, receive)
+        if scope["method"] == "POST":
+            for route, body_model, body_name in self.memory_routes:
+                if (match := route.path_regex.match(scope["path"])) is not None:
+                    return await self._memory(route, body_model, body_name, match["bank"], headers,
+                                              scope, receive, send)
+        return await self._forward(scope, receive, send)
 
-    def __init__(self, app: ASGIApp, routes: list[APIRoute]):
-        self.app = app
-        self.routes = []
-        for route in routes:
-            [body_param] = route.dependant.body_params
-            parameters = {param.name for param in route.dependant.path_params + route.dependant.body_params}
-            parameters |= {dependency.name for dependency in route.dependant.dependencies}
-            if parameters != {"bank", body_param.name, "ops", "tenant"} or route.methods != {"POST"}:
-                raise TypeError(f"{route.path}: a memory route is POST endpoint(bank, body, ops, tenant), "
-                                f"not {route.methods} {parameters}")
-            self.routes.append((route, body_param.field_info.annotation, body_param.name))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        for route, body_model, body_name in self.routes:
-            if (match := route.path_regex.match(scope["path"])) is not None:
-                break
-        else:
-            return await self.app(scope, receive, send)
-        headers = dict(reversed(list(scope["headers"])))  # the first of a repeated header counts, as in Starlette
+    async def _memory(self, route: APIRoute, body_model: type, body_name: str, bank: str, headers: dict,
+                      scope: Scope, receive: Receive, send: Send) -> int:
+        """The short path for one memory route, or FastAPI for what it would not take as it is."""
         media_type = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
-        bank = match["bank"]
         if media_type != b"application/json" or not BANK_NAME.fullmatch(bank):
-            return await self.app(scope, receive, send)
+            return await self._forward(scope, receive, send)
         scope["route"] = route  # as FastAPI's router sets it: the metrics' route template
         state = scope["app"].state
         try:
@@ -196,12 +161,32 @@ class MemoryFastPath:
             # 401 before the body is looked at, as FastAPI's dependencies do
             tenant = state.api_keys.tenant(authorization.decode("latin-1") if authorization is not None else None)
             if (body := await read_body(receive)) is None:
-                return
+                return 499
             try:
                 parsed = body_model.model_validate_json(body)
             except ValidationError:
-                return await self.app(scope, replaying(body, receive), send)
+                return await self._forward(scope, replaying(body, receive), send)
             response = await route.endpoint(bank=bank, ops=state.operations, tenant=tenant, **{body_name: parsed})
         except errors.ServiceError as exc:
             response = error_response(exc)
         await response(scope, receive, send)
+        return response.status_code
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """FastAPI answers; -> the status it sent (500 if it sent none)."""
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, recording_send)
+        return status
+
+    async def _refuse(self, too_large: errors.TooLarge, scope: Scope, receive: Receive, send: Send) -> int:
+        metrics.REJECTIONS.labels(reason="body_too_large").inc()
+        response = error_response(too_large)
+        await response(scope, receive, send)
+        return response.status_code

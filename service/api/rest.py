@@ -27,7 +27,7 @@ from service import __version__, errors, metrics
 from service.api import docs, explorer, schemas
 from service.api.auth import ApiKeys
 from service.api.errors import MalformedBody, MethodNotAllowed, from_validation
-from service.api.middleware import AdmissionLimit, BodyLimit, Measured, MemoryFastPath, error_response
+from service.api.middleware import FrontDoor, error_response
 from service.api.operations import Operations
 from service.banks.registry import BANK_NAME, BankInfo, Fidelity
 
@@ -121,7 +121,7 @@ Caller = Annotated[str | None, Depends(caller)]
 GUARDED = answers(401, 503)
 probes = APIRouter(tags=["probes"])
 banks = APIRouter(prefix="/v1/banks", responses=GUARDED)
-# Answered by service.api.middleware.MemoryFastPath; declared here for FastAPI's fallback and the document.
+# Answered by service.api.middleware.FrontDoor; declared here for FastAPI's fallback and the document.
 memory = APIRouter(prefix="/v1/banks", responses=GUARDED)
 models = APIRouter(tags=["models"], responses=GUARDED)
 generation = APIRouter(tags=["generate"], responses=GUARDED)
@@ -344,7 +344,7 @@ def create_app(ops: Operations, *, max_body_bytes: int = 64 * 1024 * 1024, api_k
     app.state.operations = ops
     app.state.api_keys = api_keys
     app.state.protect_metrics = protect_metrics
-    # Busiest first: a request is matched against the routes in order (MemoryFastPath answers most
+    # Busiest first: a request is matched against the routes in order (FrontDoor answers most
     # store, retrieve and complete requests before routing; the memory routes take the rest).
     for router in (memory, banks, probes, models, generation, docs.pages, explorer.pages):
         app.include_router(router)
@@ -353,8 +353,6 @@ def create_app(ops: Operations, *, max_body_bytes: int = 64 * 1024 * 1024, api_k
     app.add_exception_handler(errors.ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
-    app.add_middleware(MemoryFastPath, routes=memory.routes)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.add_middleware(Measured)
-    app.add_middleware(AdmissionLimit, max_in_flight=max_in_flight)  # outermost: sheds before any work
+    app.add_middleware(FrontDoor, memory_routes=memory.routes, max_body_bytes=max_body_bytes,
+                       max_in_flight=max_in_flight)
     return app

@@ -58,10 +58,12 @@ class MicroBatcher:
         self.max_queue_size = max_queue_size
         self._model = model
         # This model's series, looked up once: a labels() call costs more than the observation.
-        self._queue_depth, self._queue_wait = metrics.QUEUE_DEPTH.labels(model), metrics.QUEUE_WAIT.labels(model)
+        self._queue_wait = metrics.QUEUE_WAIT.labels(model)
         self._batch_size, self._batch_rows = metrics.BATCH_SIZE.labels(model), metrics.BATCH_ROWS.labels(model)
         self._queues: OrderedDict[Hashable, deque[_Pending]] = OrderedDict()
         self._waiting = 0
+        # Read when scraped: a set() per request and per batch would take the gauge's lock each time.
+        metrics.QUEUE_DEPTH.labels(model).set_function(lambda: self._waiting)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._free = asyncio.Semaphore(max_concurrent_batches)
@@ -84,7 +86,6 @@ class MicroBatcher:
         pending = _Pending(item, rows, asyncio.get_running_loop().create_future())
         self._queues.setdefault(key, deque()).append(pending)
         self._waiting += 1
-        self._queue_depth.set(self._waiting)
         self._wakeup.set()
         return await pending.future
 
@@ -125,7 +126,6 @@ class MicroBatcher:
             self._queues.move_to_end(key)
         else:
             del self._queues[key]
-        self._queue_depth.set(self._waiting)
         return batch
 
     def _start(self, key: Hashable, batch: list[_Pending]) -> None:

@@ -249,7 +249,7 @@ MEMORY_BODIES = [  # what store, retrieve and complete might be sent: good, inva
 
 @pytest.mark.parametrize(("operation", "body"), MEMORY_BODIES)
 def test_memory_routes_answer_as_fastapi_does(client, bank_name, operation, body):
-    """The memory routes parse a JSON body themselves (service.api.middleware.MemoryFastPath); a `+json` media
+    """The memory routes parse a JSON body themselves (service.api.middleware.FrontDoor); a `+json` media
     type goes through FastAPI's own handler instead: both answer the same, errors included."""
     create(client, bank_name, "modern", 4)
     client.post(f"/v1/banks/{bank_name}/store", json={"patterns": [[1, 0, 0, 0], [0, 0, 1, 0]], "ids": ["p", "q"]})

@@ -1,4 +1,4 @@
-"""The data plane's short path (service.api.middleware.MemoryFastPath): store, retrieve and complete
+"""The data plane's short path (service.api.middleware.FrontDoor): store, retrieve and complete
 answered without FastAPI's router, everything else (and every body it would not take) through it."""
 
 from __future__ import annotations
