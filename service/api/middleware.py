@@ -110,8 +110,15 @@ class FrontDoor:
             return await error_response(overloaded)(scope, receive, send)
         self.in_flight += 1
         started, status = time.perf_counter(), 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            status = await self._answer(scope, receive, send)
+            await self._answer(scope, receive, recording_send)
         finally:
             self.in_flight -= 1
             duration, count = self._series(getattr(scope.get("route"), "path", "unmatched"), status)
@@ -125,13 +132,11 @@ class FrontDoor:
                 metrics.REQUESTS.labels(route, "rest", str(status)))
         return self.series[route, status]
 
-    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> int:
-        """Answer the request; -> the status sent."""
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(reversed(scope["headers"]))  # the first of a repeated header counts, as in Starlette
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return await self._refuse(body_too_large(self.max_body_bytes), scope, receive, send)
-        body = None
         if length is None:
             # A streamed body: read it here (the app would buffer it anyway) so the limit answers 413.
             try:
@@ -139,21 +144,21 @@ class FrontDoor:
             except errors.TooLarge as too_large:
                 return await self._refuse(too_large, scope, receive, send)
             if body is None:  # the client went away
-                return 499
+                return
             receive = replaying(body, receive)
         if scope["method"] == "POST":
             for route, body_model, body_name in self.memory_routes:
                 if (match := route.path_regex.match(scope["path"])) is not None:
                     return await self._memory(route, body_model, body_name, match["bank"], headers,
                                               scope, receive, send)
-        return await self._forward(scope, receive, send)
+        await self.app(scope, receive, send)
 
     async def _memory(self, route: APIRoute, body_model: type, body_name: str, bank: str, headers: dict,
-                      scope: Scope, receive: Receive, send: Send) -> int:
+                      scope: Scope, receive: Receive, send: Send) -> None:
         """The short path for one memory route, or FastAPI for what it would not take as it is."""
         media_type = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
         if media_type != b"application/json" or not BANK_NAME.fullmatch(bank):
-            return await self._forward(scope, receive, send)
+            return await self.app(scope, receive, send)
         scope["route"] = route  # as FastAPI's router sets it: the metrics' route template
         state = scope["app"].state
         try:
@@ -161,32 +166,17 @@ class FrontDoor:
             # 401 before the body is looked at, as FastAPI's dependencies do
             tenant = state.api_keys.tenant(authorization.decode("latin-1") if authorization is not None else None)
             if (body := await read_body(receive)) is None:
-                return 499
+                return
             try:
                 parsed = body_model.model_validate_json(body)
             except ValidationError:
-                return await self._forward(scope, replaying(body, receive), send)
+                return await self.app(scope, replaying(body, receive), send)
             response = await route.endpoint(bank=bank, ops=state.operations, tenant=tenant, **{body_name: parsed})
         except errors.ServiceError as exc:
             response = error_response(exc)
         await response(scope, receive, send)
-        return response.status_code
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> int:
-        """FastAPI answers; -> the status it sent (500 if it sent none)."""
-        status = 500
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        await self.app(scope, receive, recording_send)
-        return status
-
-    async def _refuse(self, too_large: errors.TooLarge, scope: Scope, receive: Receive, send: Send) -> int:
+    @staticmethod
+    async def _refuse(too_large: errors.TooLarge, scope: Scope, receive: Receive, send: Send) -> None:
         metrics.REJECTIONS.labels(reason="body_too_large").inc()
-        response = error_response(too_large)
-        await response(scope, receive, send)
-        return response.status_code
+        await error_response(too_large)(scope, receive, send)
