@@ -45,7 +45,7 @@ DTYPES = LM_DTYPES
 # What `auto` serves on CPU: a checkpoint of 4-bit GGUF blocks (the default model's Q4_1, or a
 # directory `convert_gguf` wrote from one) stays in them, int4; every other checkpoint is fp32, its
 # outputs those of the reference. On the 2-core AVX-512 machine of loadtest/results/quantized.json,
-# int4 keeps 99% of fp32's greedy choices in about half the memory and decodes one sequence 2.7x as
+# int4 keeps 99% of fp32's greedy choices in about half the memory and decodes one sequence 2.5x as
 # fast as fp32, 16 at about fp32's rate (on an AVX2 machine, whose bf16 arithmetic is emulated, fp32 was
 # the faster one at 16 streams and in prefill). On other devices `auto` is bf16.
 FOUR_BIT_FILE_TYPES = (LlamaFileType.MOSTLY_Q4_0.name, LlamaFileType.MOSTLY_Q4_1.name)
