@@ -65,8 +65,8 @@ def error_response(exc: errors.ServiceError) -> JSONResponse:
 
 
 class FrontDoor:
-    """The gateway's own ASGI layer, one frame per request (each nested layer costs a small bank a few
-    per cent of its rate), doing in order:
+    """The gateway's own ASGI layer, one frame per request (as four nested layers it cost the tiny bank
+    about 4 % of its rate under wrk), doing in order:
 
     * front-door load shedding: past `max_in_flight` requests in progress, 503 + Retry-After at once,
       before reading the body, so admitted requests keep a bounded latency under overload;

@@ -7,6 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from prometheus_client import REGISTRY
 
 from service.errors import Overloaded
 from service.serving.batching import MicroBatcher
@@ -94,6 +95,31 @@ def test_full_queue_raises_overloaded_and_admitted_requests_complete():
         return results
 
     assert run(scenario()) == [("k", 0), ("k", 2), ("k", 4), ("k", 6)]
+
+
+def test_the_queue_depth_gauge_reads_the_waiting_requests_when_scraped():
+    recorder = Recorder()
+    recorder.release.clear()
+
+    def depth() -> float:
+        return REGISTRY.get_sample_value("amserve_queue_depth", {"model": "depth-test"})
+
+    async def scenario():
+        batcher = MicroBatcher(recorder, executor=ThreadPoolExecutor(1), max_batch_size=1, max_queue_delay_us=0,
+                               model="depth-test")
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit("k", 0, rows=1))
+        await asyncio.sleep(0.05)  # taken by the engine, which blocks
+        waiting = [asyncio.ensure_future(batcher.submit("k", i, rows=1)) for i in (1, 2, 3)]
+        await asyncio.sleep(0)
+        depths = [depth()]
+        recorder.release.set()
+        await asyncio.gather(first, *waiting)
+        depths.append(depth())
+        await batcher.close()
+        return depths
+
+    assert run(scenario()) == [3, 0]
 
 
 def test_engine_error_reaches_every_request_of_its_batch_only():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fastapi.routing import APIRouter
 from fastapi.testclient import TestClient
-from prometheus_client import generate_latest
+from prometheus_client import REGISTRY, generate_latest
 
 from service import errors
 from service.api import schemas
@@ -61,6 +61,23 @@ def test_a_valid_retrieve_skips_the_router_and_is_measured_under_its_route(route
     assert (operation, tenant, bank, request.steps, request.queries) == ("retrieve", None, "notes", 2, [[1.0, 0.0]])
     assert router_calls == []
     assert requests_answered("/v1/banks/{bank}/retrieve", 200) == before + 1
+
+
+def test_the_in_flight_gauge_counts_the_requests_in_progress_when_scraped():
+    def in_flight() -> float:
+        return REGISTRY.get_sample_value("amserve_requests_in_flight", {"transport": "rest"})
+
+    class Observing(RecordingOperations):
+        async def retrieve(self, tenant, bank, request):
+            self.calls.append(in_flight())
+            return schemas.RetrieveResponse(results=[])
+
+    ops = Observing()
+    with TestClient(create_app(ops)) as client:
+        assert client.post("/v1/banks/notes/retrieve", json={"queries": [[1.0, 0.0]]}).status_code == 200
+        assert client.put("/v1/banks/notes", content=b"{").status_code == 422  # through FastAPI too
+        assert in_flight() == 0
+    assert ops.calls == [1]
 
 
 def test_a_body_that_does_not_validate_goes_on_to_fastapi_with_its_body(router_calls):
