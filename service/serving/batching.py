@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import Executor
@@ -25,6 +26,11 @@ from typing import Any
 
 from service import metrics
 from service.errors import Overloaded
+
+
+# The batchers open per model label (the Triton backend keeps two, sharded and unsharded runs): the
+# queue-depth gauge of a model is their waiting requests together.
+_OPEN: dict[str, weakref.WeakSet] = {}
 
 
 @dataclass
@@ -63,7 +69,9 @@ class MicroBatcher:
         self._queues: OrderedDict[Hashable, deque[_Pending]] = OrderedDict()
         self._waiting = 0
         # Read when scraped: a set() per request and per batch would take the gauge's lock each time.
-        metrics.QUEUE_DEPTH.labels(model).set_function(lambda: self._waiting)
+        open_batchers = _OPEN.setdefault(model, weakref.WeakSet())
+        open_batchers.add(self)
+        metrics.QUEUE_DEPTH.labels(model).set_function(lambda: sum(b._waiting for b in open_batchers))
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._free = asyncio.Semaphore(max_concurrent_batches)
@@ -74,6 +82,7 @@ class MicroBatcher:
         self._task = asyncio.get_running_loop().create_task(self._dispatch_forever())
 
     async def close(self) -> None:
+        _OPEN[self._model].discard(self)
         tasks = [task for task in (self._task, *self._running) if task is not None]
         for task in tasks:
             task.cancel()

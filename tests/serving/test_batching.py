@@ -97,29 +97,35 @@ def test_full_queue_raises_overloaded_and_admitted_requests_complete():
     assert run(scenario()) == [("k", 0), ("k", 2), ("k", 4), ("k", 6)]
 
 
-def test_the_queue_depth_gauge_reads_the_waiting_requests_when_scraped():
-    recorder = Recorder()
-    recorder.release.clear()
+def test_the_queue_depth_gauge_reads_the_waiting_requests_of_a_models_batchers_when_scraped():
+    recorders = [Recorder(), Recorder()]
+    for recorder in recorders:
+        recorder.release.clear()
 
     def depth() -> float:
         return REGISTRY.get_sample_value("amserve_queue_depth", {"model": "depth-test"})
 
     async def scenario():
-        batcher = MicroBatcher(recorder, executor=ThreadPoolExecutor(1), max_batch_size=1, max_queue_delay_us=0,
-                               model="depth-test")
-        batcher.start()
-        first = asyncio.ensure_future(batcher.submit("k", 0, rows=1))
-        await asyncio.sleep(0.05)  # taken by the engine, which blocks
-        waiting = [asyncio.ensure_future(batcher.submit("k", i, rows=1)) for i in (1, 2, 3)]
+        # Two batchers of one model, as the Triton backend keeps for sharded and unsharded runs.
+        batchers = [MicroBatcher(recorder, executor=ThreadPoolExecutor(1), max_batch_size=1, max_queue_delay_us=0,
+                                 model="depth-test") for recorder in recorders]
+        for batcher in batchers:
+            batcher.start()
+        first = [asyncio.ensure_future(batcher.submit("k", 0, rows=1)) for batcher in batchers]
+        await asyncio.sleep(0.05)  # taken by the engines, which block
+        waiting = [asyncio.ensure_future(batchers[0].submit("k", i, rows=1)) for i in (1, 2, 3)]
+        waiting.append(asyncio.ensure_future(batchers[1].submit("k", 4, rows=1)))
         await asyncio.sleep(0)
         depths = [depth()]
-        recorder.release.set()
-        await asyncio.gather(first, *waiting)
+        for recorder in recorders:
+            recorder.release.set()
+        await asyncio.gather(*first, *waiting)
         depths.append(depth())
-        await batcher.close()
+        for batcher in batchers:
+            await batcher.close()
         return depths
 
-    assert run(scenario()) == [3, 0]
+    assert run(scenario()) == [4, 0]
 
 
 def test_engine_error_reaches_every_request_of_its_batch_only():
