@@ -66,7 +66,8 @@ def test_image_and_text_models(tmp_path):
     assert [(g.count, g.kind) for g in text.instance_group] == [(1, pb.ModelInstanceGroup.KIND_CPU)]
     assert {key: value.string_value for key, value in text.parameters.items()} == {
         "served_model_name": "my-lm", "max_running_sequences": "3", "max_waiting_sequences": "5",
-        "max_context": "512", "dtype": "auto", "kv_dtype": "auto"}
+        "max_context": "512", "dtype": "auto", "kv_dtype": "auto",
+        "compile_decode": "true"}
 
 
 def fake_conversion(monkeypatch) -> list[Path]:
