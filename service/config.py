@@ -27,7 +27,6 @@ class Settings:
     max_context: int = 2048                 # longest sequence per slot (the KV cache grows up to slots × context)
     dtype: str = "auto"                     # LM weights: one of LM_DTYPES
     kv_dtype: str = "auto"                  # LM KV cache: one of KV_DTYPES
-    compile_decode: bool = True             # LM decode step through torch.compile on CPU (compiled at start)
     # Dynamic batching of retrieve/complete (embedded backend; the triton backend reads config.pbtxt).
     max_batch_size: int = 64
     max_queue_delay_us: int = 500

@@ -31,8 +31,7 @@ def build_backend(settings: Settings) -> Backend:
                                max_queue_size=settings.max_queue_size, model=settings.model,
                                max_running_sequences=settings.max_running_sequences,
                                max_waiting_sequences=settings.max_waiting_sequences,
-                               max_context=settings.max_context, dtype=settings.dtype, kv_dtype=settings.kv_dtype,
-                               compile_decode=settings.compile_decode)
+                               max_context=settings.max_context, dtype=settings.dtype, kv_dtype=settings.kv_dtype)
     if settings.backend == "triton":
         from service.backends.triton import TritonBackend
         from service.triton.launcher import TritonServer
@@ -46,8 +45,7 @@ def build_backend(settings: Settings) -> Backend:
         # Otherwise run the bundled Triton as a child on free ports, serving this data dir.
         # The associative_memory model opens the same store (AMSERVE_STORE) and follows it as a replica.
         env = {"AMSERVE_STORE": settings.store} if settings.store else {}
-        env |= {"AMSERVE_DTYPE": settings.dtype, "AMSERVE_KV_DTYPE": settings.kv_dtype,  # read by the llm model
-                "AMSERVE_COMPILE_DECODE": str(settings.compile_decode).lower()}
+        env |= {"AMSERVE_DTYPE": settings.dtype, "AMSERVE_KV_DTYPE": settings.kv_dtype}  # read by the llm model
         return TritonBackend(server=TritonServer(settings.model_repository, http_port=0, grpc_port=0,
                                                  metrics_port=0, data_dir=settings.data_dir, env=env), store=store,
                              **batching)

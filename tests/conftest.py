@@ -17,9 +17,6 @@ from tests.postgres import PostgresCluster
 BACKENDS = ["embedded", "triton", "postgresql"]
 # In the environment of the test run, so every process it starts inherits it (Triton's stubs included).
 SESSION_MARKER = "AMSERVE_TEST_SESSION"
-# Servers the suite starts decode eagerly: each would otherwise compile the LM's step at start (tens of
-# seconds). tests/engines/test_lm_compiled.py and the compiled-server tests switch it back on.
-os.environ["AMSERVE_COMPILE_DECODE"] = "false"
 # Servers a test may start that keep their own environment: flagged when they appear during the run.
 SERVICES = re.compile(r"postgres -D|llama-server|chromium.*headless")
 

@@ -49,13 +49,12 @@ class EmbeddedBackend:
                  device: str = "cpu",
                  max_batch_size: int = 64, max_queue_delay_us: int = 500, max_queue_size: int = 1024,
                  model: str = "default", max_running_sequences: int = 16, max_waiting_sequences: int = 64,
-                 max_context: int = 2048, dtype: str = "auto", kv_dtype: str = "auto",
-                 compile_decode: bool = False):
+                 max_context: int = 2048, dtype: str = "auto", kv_dtype: str = "auto"):
         self._store = store or data_dir
         self._model_repository = Path(model_repository)
         self._lm = model
         self._lm_limits = dict(max_batch_size=max_running_sequences, max_waiting=max_waiting_sequences,
-                               max_context=max_context, compile_decode=compile_decode)
+                               max_context=max_context)
         self._device = device
         self._lm_dtypes = dict(dtype=dtype, kv_dtype=kv_dtype)
         self._batching = dict(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,

@@ -126,19 +126,12 @@ class _Sequence:
 
 class Scheduler:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch_size: int = 16,
-                 max_waiting: int = 64, max_context: int = 2048, compile_decode: bool = False):
+                 max_waiting: int = 64, max_context: int = 2048):
         """Owns the model's KV cache (one scheduler per model): max_batch_size slots of
-        max_context positions (capped by the model's own context). With `compile_decode`, the decode
-        step is compiled before the scheduler starts where that applies (`Transformer.compile_decode`:
-        quantized weights on CPU); elsewhere the eager step runs."""
+        max_context positions (capped by the model's own context)."""
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
         self.cache = model.setup_cache(max_batch_size, max_context)
-        if compile_decode and model.decode_compiles:
-            try:
-                model.compile_decode()
-            except Exception:  # inductor needs a C++ compiler, for one
-                log.warning("the decode step could not be compiled; it runs eagerly", exc_info=True)
         self.max_context = self.cache.max_context
         self._ids = itertools.count(1)
         self._lock = threading.Condition()

@@ -97,7 +97,6 @@ def export(
     max_context: int | None = None,
     dtype: str | None = None,
     kv_dtype: str | None = None,
-    compile_decode: bool | None = None,
 ) -> list[Path]:
     """Write each model's config.pbtxt and 1/model.py under `repository`; returns the files written.
 
@@ -118,7 +117,6 @@ def export(
         "max_context": str(max_context or defaults.max_context),
         "dtype": dtype or defaults.dtype,
         "kv_dtype": kv_dtype or defaults.kv_dtype,
-        "compile_decode": str(defaults.compile_decode if compile_decode is None else compile_decode).lower(),
     }
     written = []
     for spec in models:
@@ -202,8 +200,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", type=int, default=defaults.max_context, help="LM context per slot")
     parser.add_argument("--dtype", choices=LM_DTYPES, default=defaults.dtype, help="LM weights (see amserve serve)")
     parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=defaults.kv_dtype, help="LM KV cache")
-    parser.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=defaults.compile_decode,
-                        help="compile the LM decode step on CPU (see amserve serve)")
     parser.add_argument("--skip-llm", action="store_true",
                         help="do not convert the default LM into <repository>/llm/1 (Triton then fails to "
                              "load the llm model until it is there)")
@@ -214,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
                        max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
                        device_kind=args.device_kind, max_running_sequences=args.max_running_sequences,
                        max_waiting_sequences=args.max_waiting_sequences, max_context=args.max_context,
-                       dtype=args.dtype, kv_dtype=args.kv_dtype, compile_decode=args.compile_decode):
+                       dtype=args.dtype, kv_dtype=args.kv_dtype):
         print(path)
     et_weights = args.model_repository / ENERGY_TRANSFORMER.name / "1"
     if not all((et_weights / name).is_file() for name in ET_WEIGHTS):

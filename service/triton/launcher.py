@@ -151,7 +151,7 @@ class TritonServer:
         data_dir: str | Path | None = None,
         log_path: str | Path | None = None,
         env: dict[str, str] | None = None,
-        startup_timeout: float = 300.0,  # the llm model compiles its decode step at load (CPU)
+        startup_timeout: float = 120.0,
         stop_timeout: float = 15.0,
         extra_args: tuple[str, ...] = (),
     ):

@@ -176,8 +176,8 @@ class TextGeneration:
     @classmethod
     def load(cls, directory: str | Path, device: str, parameters: dict[str, str]) -> TextGeneration:
         """The HF directory `amserve export` converts the model into, with the config's parameters;
-        AMSERVE_DTYPE / AMSERVE_KV_DTYPE / AMSERVE_COMPILE_DECODE (set by `amserve serve` for the
-        Triton it starts) override the exported dtypes and compilation."""
+        AMSERVE_DTYPE / AMSERVE_KV_DTYPE (set by `amserve serve` for the Triton it starts) override
+        the exported dtypes."""
         from service.engines.lm.weights import load_model
 
         model, tokenizer = load_model(directory, device,
@@ -185,9 +185,7 @@ class TextGeneration:
                                       kv_dtype=os.environ.get("AMSERVE_KV_DTYPE") or parameters["kv_dtype"])
         scheduler = Scheduler(model, tokenizer, max_batch_size=int(parameters["max_running_sequences"]),
                               max_waiting=int(parameters["max_waiting_sequences"]),
-                              max_context=int(parameters["max_context"]),
-                              compile_decode=(os.environ.get("AMSERVE_COMPILE_DECODE")
-                                              or parameters["compile_decode"]).lower() in ("1", "true", "yes"))
+                              max_context=int(parameters["max_context"]))
         release_pool()  # this thread's OpenMP workers: the scheduler's thread decodes (service/openmp.py)
         return cls(scheduler, parameters.get("served_model_name") or DEFAULT_MODEL_NAME)
 

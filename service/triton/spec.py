@@ -95,7 +95,7 @@ LLM = ModelSpec(
     ),
     outputs=(TensorSpec("TOKEN", "TYPE_STRING", (1,)),),
     parameters=("served_model_name", "max_running_sequences", "max_waiting_sequences", "max_context", "dtype",
-                "kv_dtype", "compile_decode"),
+                "kv_dtype"),
     decoupled=True,
 )
 

@@ -20,9 +20,9 @@ def smollm2():
     return load_model(default_gguf_path())
 
 
-def generate(model, tokenizer, prompt: str, max_tokens: int, compile_decode: bool = False) -> tuple[str, str]:
+def generate(model, tokenizer, prompt: str, max_tokens: int) -> tuple[str, str]:
     """-> (text, finish_reason), greedy, through the scheduler."""
-    scheduler = Scheduler(model, tokenizer, max_batch_size=2, max_context=256, compile_decode=compile_decode)
+    scheduler = Scheduler(model, tokenizer, max_batch_size=2, max_context=256)
     pieces, done, reason = [], threading.Event(), []
 
     def on_event(event) -> None:

@@ -66,8 +66,7 @@ def test_image_and_text_models(tmp_path):
     assert [(g.count, g.kind) for g in text.instance_group] == [(1, pb.ModelInstanceGroup.KIND_CPU)]
     assert {key: value.string_value for key, value in text.parameters.items()} == {
         "served_model_name": "my-lm", "max_running_sequences": "3", "max_waiting_sequences": "5",
-        "max_context": "512", "dtype": "auto", "kv_dtype": "auto",
-        "compile_decode": "true"}
+        "max_context": "512", "dtype": "auto", "kv_dtype": "auto"}
 
 
 def fake_conversion(monkeypatch) -> list[Path]:

@@ -23,9 +23,7 @@ became 6.2-6.5 ms on the default model (2 AVX-512 cores).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -280,35 +278,6 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, layer: int, batch: _Decode
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-# The compiled decode step (`Transformer.compile_decode`) calls the attention as an opaque operator:
-# the cache grows and every step has its own rows, prefix length and mask, which traced into the
-# graph would make one graph per step (or copy the cache). The operator reads them from the step
-# its thread is running (set by `Transformer.decode`). Declared without mutated arguments, as the
-# cache is not one: each call's output feeds the next layer, so each runs once and in order.
-_step_batch: ContextVar[_DecodeBatch] = ContextVar("decode_batch")
-
-
-@torch.library.custom_op("amserve::decode_attention", mutates_args=())
-def _compiled_decode_attention(q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
-    return decode_attention(q, k, v, layer, _step_batch.get())
-
-
-@_compiled_decode_attention.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
-    return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[2])
-
-
-def _decode_layers(plan: Sequence[_DecodeLayer], attention: Callable[[Tensor, Tensor, Tensor, int], Tensor],
-                   x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-    """Block.forward over every layer, a token per sequence: x (B, dim) -> (B, dim)."""
-    B = x.shape[0]
-    for layer, step in enumerate(plan):
-        q, k, v = step.heads(step.wqkv(step.attn_norm(x)), x.dtype, rope)
-        x = x + step.wo(attention(q, k, v, layer).view(B, -1))
-        x = x + step.ffn_out(step.hidden(step.ffn_in(step.ffn_norm(x))))
-    return x
-
-
 class GeluMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -407,7 +376,6 @@ class Transformer(nn.Module):
         self.cache: KVCache | None = None
         self._decode_plan: list[_DecodeLayer] = []  # made by setup_cache, once the weights are final
         self.cache_dtype: torch.dtype | None = None  # the KV cache's, when not the activations'
-        self._compiled_step: Callable[[Tensor, tuple[Tensor, Tensor] | None], Tensor] | None = None
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state: dict[str, Tensor],
@@ -448,7 +416,6 @@ class Transformer(nn.Module):
         self.cache = KVCache(self.config, max_batch, max_context, self.device, self.cache_dtype or self.dtype)
         self.pack_weights()
         self._decode_plan = [block.decode_plan() for block in self.layers]
-        self._compiled_step = None  # compiled over the previous cache and plan
         return self.cache
 
     def pack_weights(self, enabled: bool = True) -> None:
@@ -546,41 +513,8 @@ class Transformer(nn.Module):
         )
         x, rope = self._embed(tokens.view(-1, 1), pos.view(-1, 1))
         x, rope = x[:, 0], rope and (rope[0][:, 0], rope[1][:, 0])  # one position per sequence: (B, ...)
-        if self._compiled_step is None:
-            return self._step(x, rope, partial(decode_attention, batch=batch))
-        token = _step_batch.set(batch)
-        try:
-            return self._compiled_step(x, rope)
-        finally:
-            _step_batch.reset(token)
-
-    def _step(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
-              attention: Callable[[Tensor, Tensor, Tensor, int], Tensor]) -> Tensor:
-        x = _decode_layers(self._decode_plan, attention, x, rope)
+        for layer, step in enumerate(self._decode_plan):  # Block.forward, a token at a time
+            q, k, v = step.heads(step.wqkv(step.attn_norm(x)), x.dtype, rope)
+            x = x + step.wo(decode_attention(q, k, v, layer, batch).view(B, -1))
+            x = x + step.ffn_out(step.hidden(step.ffn_in(step.ffn_norm(x))))
         return self.output(self.norm(x)).float()
-
-    @property
-    def decode_compiles(self) -> bool:
-        """Whether `compile_decode` applies: on CPU, with weight-only quantized layers (where it was
-        measured). Inductor takes the fp32 layers' oneDNN-packed weights only as frozen constants."""
-        return self.device.type == "cpu" and not any(isinstance(module, Linear) for module in self.modules())
-
-    def compile_decode(self) -> None:
-        """Run `decode` through torch.compile (inductor), which fuses the step's small ops around the
-        matrix products (the attention stays an opaque operator): on the default int4 model, 2 AVX-512
-        cores, a step for one sequence takes 10-13% less time, for 16 up to 8% less.
-        Compiles now, by running a step for one sequence and one for two (slots 0 and 1, position 0,
-        which a later prefill overwrites): two graphs, the second for any batch size, so no request
-        waits for a compilation. Inductor keeps them in its on-disk cache: about 40 s the first time
-        on 2 cores, 15 s after. Call after setup_cache."""
-        if self.cache is None:
-            raise RuntimeError("call setup_cache() before compile_decode()")
-        if not self.decode_compiles:
-            raise RuntimeError("compile_decode needs a CPU model with quantized linear layers")
-        self._compiled_step = torch.compile(partial(self._step, attention=_compiled_decode_attention))
-        try:
-            for batch in range(1, min(2, self.cache.max_batch) + 1):
-                self.decode(torch.zeros(batch, dtype=torch.long, device=self.device), range(batch), [0] * batch)
-        except Exception:  # e.g. no C++ compiler: the eager step stays
-            self._compiled_step = None
-            raise

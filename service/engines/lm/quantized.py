@@ -39,7 +39,7 @@ class Int8Linear(nn.Module):
         """weight: (out, in) int8; scales: (out,)."""
         super().__init__()
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight", weight.contiguous())  # as the kernel takes it (GPT-2's come transposed)
+        self.register_buffer("weight", weight)
         self.register_buffer("scales", scales.to(compute_dtype))
         self.register_buffer("bias", bias)
 
@@ -151,20 +151,14 @@ class RescoredHead(nn.Module):
         if self.bias is not None:
             logits = logits + self.bias
         flat, rows = logits.view(-1, logits.shape[-1]), x.reshape(-1, x.shape[-1]).float()
-        if flat.shape[0] <= self.chunk_rows:  # a decode step: no loop, whose length a compiled graph would fix
-            self._rescore(flat, rows)
-        else:
-            for start in range(0, flat.shape[0], self.chunk_rows):
-                self._rescore(flat[start:start + self.chunk_rows], rows[start:start + self.chunk_rows])
+        for start in range(0, flat.shape[0], self.chunk_rows):
+            part = flat[start:start + self.chunk_rows]
+            index = part.topk(self.candidates, dim=-1, sorted=False).indices  # (n, candidates)
+            exact = (self.table.rows(index) @ rows[start:start + len(part), :, None])[..., 0]
+            if self.bias is not None:
+                exact = exact + self.bias[index]
+            part.scatter_(-1, index, exact.to(part.dtype))
         return logits
-
-    def _rescore(self, logits: Tensor, rows: Tensor) -> None:
-        """Recompute each row's `candidates` highest logits (in place) from its input row."""
-        index = logits.topk(self.candidates, dim=-1, sorted=False).indices  # (n, candidates)
-        exact = (self.table.rows(index) @ rows[:, :, None])[..., 0]
-        if self.bias is not None:
-            exact = exact + self.bias[index]
-        logits.scatter_(-1, index, exact.to(logits.dtype))
 
 
 class Int4Linear(nn.Module):
