@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +15,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from service.config import Settings
-from service.engines.lm import ModelConfig, Transformer, default_gguf_path, load_model
+from service.engines.lm import ModelConfig, Transformer, default_gguf_path, load_model, load_weights
 from service.engines.lm.quantized import Int4Linear, Int8Linear, Int8Table, RescoredHead
 from service.engines.lm.weights import convert_gguf, gguf_q4_groups, resolve_dtype
 from tests.engines.test_lm_default_model import generate
@@ -220,3 +224,22 @@ def test_a_bad_dtype_is_a_clear_error():
             Settings.from_env()
     finally:
         del os.environ["AMSERVE_KV_DTYPE"]
+
+
+@pytest.mark.parametrize(("dtype", "max_difference"), [("int8", 0.5), ("int4", 2.5)])
+def test_gpt2_runs_quantized(dtype, max_difference, tmp_path):
+    """GPT-2 stores its projections transposed (Conv1D), which the int8 kernel refused until the
+    layer made them contiguous. Measured on this model (logits up to 5.9): 0.15 int8, 1.7 int4
+    from fp32, the cached decode within 2e-6 of the full forward."""
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4, initializer_range=0.2,
+                               bos_token_id=None, eos_token_id=None)).eval().save_pretrained(tmp_path)
+    fp32, quantized = load_weights(tmp_path), load_weights(tmp_path, dtype=dtype)
+    tokens = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(1))
+    expected, full = fp32(tokens)[0], quantized(tokens)[0]
+    assert expected.abs().max() > 3
+    assert (full - expected).abs().max() <= max_difference
+    quantized.setup_cache(max_batch=1, max_context=32)
+    quantized.prefill(tokens[0, :10], slot=0)
+    steps = torch.stack([quantized.decode(tokens[0, p:p + 1], [0], [p])[0] for p in range(10, 20)])
+    torch.testing.assert_close(steps, full[10:], atol=1e-4, rtol=0)

@@ -39,7 +39,7 @@ class Int8Linear(nn.Module):
         """weight: (out, in) int8; scales: (out,)."""
         super().__init__()
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight", weight)
+        self.register_buffer("weight", weight.contiguous())  # as the kernel takes it (GPT-2's come transposed)
         self.register_buffer("scales", scales.to(compute_dtype))
         self.register_buffer("bias", bias)
 
