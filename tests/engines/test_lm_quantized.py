@@ -182,6 +182,20 @@ def test_int4_keeps_the_greedy_choices_of_fp32_on_the_benchmark_text(fp32_model)
     assert agreement >= 0.98
 
 
+def test_the_fused_int4_decode_step_keeps_the_greedy_choices_of_fp32(fp32_model):
+    """The served path: the benchmark text one token at a time through the cache, on the fused
+    kernels (measured 99.0 %; on PyTorch ops 99.4 %, the two agreeing at 99.6 %)."""
+    reference, tokenizer = fp32_model
+    model, _ = load_model(default_gguf_path(), dtype="int4")
+    model.setup_cache(max_batch=1, max_context=512)
+    assert model.fused_decode
+    tokens = torch.tensor(tokenizer.encode(BENCH_TEXT.read_text())[:512])
+    steps = [model.prefill(tokens[:1], slot=0)]
+    steps += [model.decode(tokens[p:p + 1], [0], [p])[0] for p in range(1, len(tokens))]
+    agreement = (torch.stack(steps).argmax(-1) == reference(tokens[None])[0].argmax(-1)).float().mean()
+    assert agreement >= 0.98
+
+
 def tiny_llama() -> Transformer:
     config = ModelConfig(arch="llama", vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                          max_context=256)
