@@ -9,7 +9,9 @@ each, so that its RSS is its own:
   * accuracy, teacher-forced on a fixed 512-token text (loadtest/data/execmodel.txt, the
     "Execution model" chapter of the Python reference, shipped with this repository): greedy
     top-1 agreement with fp32 at each of the 512 positions, perplexity of the text, mean KL(fp32 ||
-    dtype) and the largest logit difference;
+    dtype) and the largest logit difference, all from one forward pass; and the agreement of the
+    decode step as served (the text fed one token at a time through the KV cache, on the fused
+    kernels where they apply) with fp32's forward pass;
   * speed: prefill of that 512-token prompt (median of runs), decode tokens/s at batch 1 and at 16
     streams of different lengths (the rate of the median step; greedy, our own loop over
     prefill/decode, the scheduler's per-step work without its thread).
@@ -196,12 +198,27 @@ def child(args) -> int:
         torch.save(logits, args.logits)  # fp32: fp16 rounding alone turns near ties into disagreements
     if not fake:
         model.setup_cache(max_batch=STREAMS, max_context=TEXT_TOKENS + 256)
+        out["fused_decode"] = model.fused_decode
+        if args.accuracy:
+            torch.save(decoded_logits(model, text_ids[:TEXT_TOKENS]), decode_logits_file(args.logits))
         out |= weight_bytes(model)
         out |= speed(model, tokenizer, text_ids[:TEXT_TOKENS], args.speed)
         out["rss_after_decode_bytes"] = rss_bytes()
     out["rss_peak_bytes"] = rss_bytes("VmHWM")
     Path(args.json).write_text(json.dumps(out))
     return 0
+
+
+def decoded_logits(model, text_ids: list[int]) -> torch.Tensor:
+    """The text teacher-forced through the cache: the first token prefilled, the rest decoded one
+    by one. -> (tokens, vocab) fp32."""
+    tokens = torch.tensor(text_ids)
+    steps = [model.prefill(tokens[:1], 0)] + [model.decode(tokens[p:p + 1], [0], [p])[0] for p in range(1, len(tokens))]
+    return torch.stack(steps).float()
+
+
+def decode_logits_file(logits: str | Path) -> Path:
+    return Path(logits).with_suffix(".decode.pt")
 
 
 def speed(model, tokenizer, text_ids: list[int], runs: bool) -> dict:
@@ -254,7 +271,10 @@ def spawn(dtype: str, threads: int, accuracy: bool, workdir: Path, speed_runs: b
 def accuracy_against(reference: Path, logits: Path) -> dict:
     ref, got = torch.load(reference).float(), torch.load(logits).float()
     log_ref, log_got = ref.log_softmax(-1), got.log_softmax(-1)
-    return {"top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
+    decoded = decode_logits_file(logits)
+    served = {"decode_top1_agreement": (ref.argmax(-1) == torch.load(decoded).argmax(-1)).float().mean().item()
+              } if decoded.exists() else {}
+    return served | {"top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
             "disagreements": int((ref.argmax(-1) != got.argmax(-1)).sum()),
             "mean_kl_from_fp32": (log_ref.exp() * (log_ref - log_got)).sum(-1).mean().item(),
             "max_logit_difference": (ref - got).abs().max().item()}
@@ -265,7 +285,8 @@ def summarise(runs: dict[str, list[dict]], threads: int) -> dict:
     for dtype, samples in runs.items():
         first = samples[0]
         entry = {k: v for k, v in first.items() if k.endswith("_bytes") or k in (
-            "perplexity", "top1_agreement", "disagreements", "mean_kl_from_fp32", "max_logit_difference")}
+            "perplexity", "top1_agreement", "disagreements", "mean_kl_from_fp32", "max_logit_difference",
+            "decode_top1_agreement", "fused_decode")}
         entry["load_s_median"] = statistics.median(s["load_s"] for s in samples)
         if "batch1_step_s" in first:
             one = [x for s in samples for x in s["batch1_step_s"]]
@@ -355,14 +376,16 @@ def parent(args) -> int:
     plot(results, args.out.with_suffix(".png"))
     print(f"\nload average (1 min) median {results['load_average']['median_1min']:.2f}, "
           f"{results['runtime_s']:.0f} s; wrote {args.out} and {args.out.with_suffix('.png').name}")
-    header = (f"{'dtype':18s} {'b1 tok/s':>9s} {'b16 tok/s':>9s} {'prefill512':>10s} {'agree':>7s} {'ppl':>7s} "
+    header = (f"{'dtype':18s} {'b1 tok/s':>9s} {'b16 tok/s':>9s} {'prefill512':>10s} {'agree':>7s} {'decode':>7s} "
+              f"{'ppl':>7s} "
               f"{'KL':>8s} {'weights MB':>10s} {'RSS load':>9s} {'RSS run':>8s}")
     print(header)
     for name, e in results["dtypes"].items():
         def f(key, fmt, scale=1.0, e=e):
             return format(e[key] / scale, fmt) if key in e else "-"
         print(f"{name:18s} {f('batch1_tok_s', '9.1f')} {f(f'batch{STREAMS}_tok_s', '9.1f')} "
-              f"{f('prefill_512_s_median', '10.3f')} {f('top1_agreement', '7.1%')} {f('perplexity', '7.3f')} "
+              f"{f('prefill_512_s_median', '10.3f')} {f('top1_agreement', '7.1%')} {f('decode_top1_agreement', '7.1%')} "
+              f"{f('perplexity', '7.3f')} "
               f"{f('mean_kl_from_fp32', '8.5f')} {f('weight_bytes', '10.0f', 1e6)} "
               f"{f('rss_after_load_bytes', '9.0f', 1e6)} {f('rss_after_decode_bytes', '8.0f', 1e6)}")
     return 0
