@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
+from starlette.types import Receive, Scope, Send
 
 from service import __version__, errors, metrics
 from service.api import docs, explorer, schemas
@@ -334,11 +335,11 @@ async def unless_disconnected(request: Request, work: Awaitable, poll: float = 0
 
 
 def create_app(ops: Operations, *, max_body_bytes: int = 64 * 1024 * 1024, api_keys: ApiKeys = ApiKeys({}),
-               protect_metrics: bool = False, max_in_flight: int = 512) -> FastAPI:
+               protect_metrics: bool = False, max_in_flight: int = 512) -> Gateway:
     # Swagger UI and ReDoc come from service.api.docs, with their assets served here, not from a CDN.
     # No OpenTelemetry: the service exports Prometheus metrics, and FastAPI's native telemetry asks the
     # OpenTelemetry providers (and the environment) on every request.
-    app = FastAPI(title="amserve", version=__version__, docs_url=None, redoc_url=None,
+    app = Gateway(title="amserve", version=__version__, docs_url=None, redoc_url=None,
                   generate_unique_id_function=operation_id, telemetry=NO_TELEMETRY,
                   description="Associative memories, the Energy Transformer and decoder LMs.")
     app.state.operations = ops
@@ -353,6 +354,19 @@ def create_app(ops: Operations, *, max_body_bytes: int = 64 * 1024 * 1024, api_k
     app.add_exception_handler(errors.ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
-    app.add_middleware(FrontDoor, memory_routes=memory.routes, max_body_bytes=max_body_bytes,
-                       max_in_flight=max_in_flight)
+    app.front_door = FrontDoor(app.past_front_door, app.state, memory.routes, max_body_bytes, max_in_flight)
     return app
+
+
+class Gateway(FastAPI):
+    """The FastAPI app with its `FrontDoor` in front: every request meets the front door first, ahead
+    of FastAPI's own middleware (server errors, telemetry, its body limit), five ASGI layers that a
+    short-path request has no use for; whatever the front door passes on enters FastAPI as usual."""
+
+    front_door: FrontDoor | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await (self.front_door or self.past_front_door)(scope, receive, send)
+
+    async def past_front_door(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)

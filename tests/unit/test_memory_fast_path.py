@@ -4,6 +4,7 @@ answered without FastAPI's router, everything else (and every body it would not 
 from __future__ import annotations
 
 import pytest
+from fastapi import FastAPI
 from fastapi.routing import APIRouter
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY, generate_latest
@@ -61,6 +62,22 @@ def test_a_valid_retrieve_skips_the_router_and_is_measured_under_its_route(route
     assert (operation, tenant, bank, request.steps, request.queries) == ("retrieve", None, "notes", 2, [[1.0, 0.0]])
     assert router_calls == []
     assert requests_answered("/v1/banks/{bank}/retrieve", 200) == before + 1
+
+
+def test_a_valid_retrieve_skips_fastapis_own_middleware_too(monkeypatch):
+    """The front door sits in front of FastAPI (rest.Gateway), not inside its middleware stack."""
+    entered: list[str] = []
+    fastapi_app = FastAPI.__call__
+
+    async def counting(self, scope, receive, send):
+        if scope["type"] == "http":
+            entered.append(scope["path"])
+        return await fastapi_app(self, scope, receive, send)
+    monkeypatch.setattr(FastAPI, "__call__", counting)
+    with TestClient(create_app(RecordingOperations())) as client:
+        assert client.post("/v1/banks/notes/retrieve", json={"queries": [[1.0, 0.0]]}).status_code == 200
+        assert client.get("/healthz/live").status_code == 200
+    assert entered == ["/healthz/live"]
 
 
 def test_the_in_flight_gauge_counts_the_requests_in_progress_when_scraped():
