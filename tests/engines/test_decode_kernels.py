@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from service.engines.lm import kernels
 from service.engines.lm.model import ModelConfig, Transformer, apply_rope, rope_table
-from service.engines.lm.quantized import Int4Linear
+from tests.engines import test_lm_quantized as quantized_tests
 
 EPS = 1e-5
 
@@ -117,18 +117,13 @@ def test_the_kernels_refuse_what_they_do_not_handle(run):
 
 
 def tiny_llama(int4: bool) -> Transformer:
-    config = ModelConfig(arch="llama", vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                         max_context=128)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        shapes = Transformer(config).state_dict()
-    state = {name: torch.randn(t.shape) * 0.2 for name, t in shapes.items() if name != "output.weight"}
-    state.update({name: 1 + 0.1 * torch.randn(t.shape) for name, t in shapes.items() if name.endswith("norm.weight")})
-    modules = {}
-    if int4:
-        for name in [n.removesuffix(".weight") for n in state if n.startswith("layers.") and "norm" not in n]:
-            modules[name] = Int4Linear.quantize(state.pop(f"{name}.weight"))
-    return Transformer.from_state_dict(config, state, modules)
+    """Norm weights about 1 (not about 0), so that logits are large enough for the tolerances to bite."""
+    model = quantized_tests.tiny_llama(dim=64, ffn_dim=128, max_context=128, int4=int4)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith("norm.weight"):
+                weight.add_(1)
+    return model
 
 
 @pytest.mark.parametrize("int4", [False, True], ids=["fp32", "int4"])

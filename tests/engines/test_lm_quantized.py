@@ -196,14 +196,17 @@ def test_the_fused_int4_decode_step_keeps_the_greedy_choices_of_fp32(fp32_model)
     assert agreement >= 0.98
 
 
-def tiny_llama() -> Transformer:
-    config = ModelConfig(arch="llama", vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                         max_context=256)
+def tiny_llama(dim: int = 32, ffn_dim: int = 64, max_context: int = 256, int4: bool = False) -> Transformer:
+    """Random weights (seed 0), a vocabulary of 64; with `int4`, the blocks' linear layers int4."""
+    config = ModelConfig(arch="llama", vocab_size=64, dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=ffn_dim,
+                         max_context=max_context)
     torch.manual_seed(0)
     with torch.device("meta"):
         shapes = Transformer(config).state_dict()
     state = {name: torch.randn(t.shape) * 0.2 for name, t in shapes.items() if name != "output.weight"}
-    return Transformer.from_state_dict(config, state)
+    linears = [name.removesuffix(".weight") for name in state if name.startswith("layers.") and "norm" not in name]
+    modules = {name: Int4Linear.quantize(state.pop(f"{name}.weight")) for name in linears} if int4 else {}
+    return Transformer.from_state_dict(config, state, modules)
 
 
 @pytest.mark.parametrize("cache_dtype, atol", [(None, 1e-4), (torch.bfloat16, 5e-2)])

@@ -32,18 +32,23 @@ class RecordingOperations:
         return schemas.RetrieveResponse(results=[])
 
 
-@pytest.fixture()
-def router_calls(monkeypatch) -> list[str]:
-    """The paths FastAPI's router was asked to route."""
+def paths_entering(monkeypatch, app_class: type) -> list[str]:
+    """The paths of the HTTP requests that `app_class`'s instances are called with, from now on."""
     calls: list[str] = []
-    route = APIRouter.__call__
+    call = app_class.__call__
 
     async def counting(self, scope, receive, send):
         if scope["type"] == "http":
             calls.append(scope["path"])
-        return await route(self, scope, receive, send)
-    monkeypatch.setattr(APIRouter, "__call__", counting)
+        return await call(self, scope, receive, send)
+    monkeypatch.setattr(app_class, "__call__", counting)
     return calls
+
+
+@pytest.fixture()
+def router_calls(monkeypatch) -> list[str]:
+    """The paths FastAPI's router was asked to route."""
+    return paths_entering(monkeypatch, APIRouter)
 
 
 def requests_answered(route: str, status: int) -> float:
@@ -66,14 +71,7 @@ def test_a_valid_retrieve_skips_the_router_and_is_measured_under_its_route(route
 
 def test_a_valid_retrieve_skips_fastapis_own_middleware_too(monkeypatch):
     """The front door sits in front of FastAPI (rest.Gateway), not inside its middleware stack."""
-    entered: list[str] = []
-    fastapi_app = FastAPI.__call__
-
-    async def counting(self, scope, receive, send):
-        if scope["type"] == "http":
-            entered.append(scope["path"])
-        return await fastapi_app(self, scope, receive, send)
-    monkeypatch.setattr(FastAPI, "__call__", counting)
+    entered = paths_entering(monkeypatch, FastAPI)
     with TestClient(create_app(RecordingOperations())) as client:
         assert client.post("/v1/banks/notes/retrieve", json={"queries": [[1.0, 0.0]]}).status_code == 200
         assert client.get("/healthz/live").status_code == 200
