@@ -18,11 +18,14 @@ from tests.engines import test_lm_quantized as quantized_tests
 EPS = 1e-5
 
 
-@pytest.fixture(scope="module")
-def run():
-    module = kernels.load()
-    assert module is not None, "the kernels did not build: make setup installs g++ and ninja"
-    return module
+@pytest.fixture(scope="module", params=kernels.runnable_capabilities())
+def run(request):
+    """The kernels built for this CPU, and the narrower builds other CPUs get (AVX2, portable)."""
+    if request.param == kernels.capability():
+        module = kernels.load()
+        assert module is not None, "the kernels did not build: make setup installs g++ and ninja"
+        return module
+    return kernels.build(cpu=request.param)
 
 
 def close(got: torch.Tensor, want: torch.Tensor) -> None:

@@ -47,11 +47,18 @@ def load() -> ModuleType | None:
         return None
 
 
-def build(verbose: bool = False) -> ModuleType:
+def runnable_capabilities() -> list[str]:
+    """The builds this CPU can run: its own and the narrower ones."""
+    order = ["DEFAULT", *reversed(_CAPABILITY_FLAGS)]
+    return order[:order.index(capability()) + 1]
+
+
+def build(verbose: bool = False, cpu: str | None = None) -> ModuleType:
+    """Build (or find built) the kernels for `cpu`, by default this CPU's capability."""
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
-    cpu = capability()
+    cpu = cpu or capability()
     flags = ["-O3", "-fopenmp-simd", f"-DCPU_CAPABILITY={cpu}", f"-DCPU_CAPABILITY_{cpu}",
              *_CAPABILITY_FLAGS.get(cpu, [])]
     return cpp_extension.load(name=f"amserve_decode_step_{cpu.lower()}", sources=[str(SOURCE)],
